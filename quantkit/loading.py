@@ -1,0 +1,91 @@
+"""Load a checkpoint folder into a transformers model, whatever quantized it.
+
+Evaluation and memory measurement need one entry point that takes a BF16 folder, our GPTQ
+or bnb artifacts, or another tool's GPTQ folder. Quantized formats are dispatched on
+`quantization_config.quant_method` to the module that owns the format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from quantkit.checkpoint import open_checkpoint
+from quantkit.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+           "auto": "auto"}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r}: choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means CUDA when present; asking for CUDA without one is a user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device}: choose auto, cuda or cpu")
+    return device
+
+
+def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None:
+    """Remote code runs only when the user said so; say which flag to pass otherwise."""
+    if config.get("auto_map") and not trust_remote_code:
+        raise ConfigError(
+            f"{path}: the model ships its own code (auto_map in config.json); "
+            "review it, then pass --trust-remote-code"
+        )
+
+
+def load(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
+         trust_remote_code: bool = False):
+    """Return an eval-mode causal LM for any checkpoint quantkit understands."""
+    ckpt = open_checkpoint(path)
+    check_remote_code(ckpt.path, ckpt.config, trust_remote_code)
+    device = resolve_device(device)
+    method = (ckpt.quantization_config or {}).get("quant_method")
+    if method == "gptq":
+        from quantkit.gptq.qlinear import load_gptq_model
+
+        model = load_gptq_model(ckpt, device=device, trust_remote_code=trust_remote_code)
+    elif method == "bitsandbytes":
+        from quantkit.bnb import load_bnb_model
+
+        model = load_bnb_model(ckpt, device=device, trust_remote_code=trust_remote_code)
+    elif method is None:
+        model = load_plain_model(ckpt.path, device=device, dtype=parse_dtype(dtype),
+                                 trust_remote_code=trust_remote_code)
+    else:
+        raise CheckpointError(f"{ckpt.path}: quant_method {method!r} is not supported by quantkit")
+    return model.eval()
+
+
+def load_plain_model(path: Path, *, device: str = "cpu", dtype=None,
+                     trust_remote_code: bool = False):
+    """An unquantized checkpoint through transformers, in its stored dtype by default."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
+        device_map=None,
+    )
+    return model.to(device)
+
+
+def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
