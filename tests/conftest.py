@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Before transformers is imported: no network, and remote-code modules (copied into
+# HF_MODULES_CACHE when a Baichuan-style folder loads) stay out of the user's home.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="quantkit-test-hf-")
 
-from quantkit.fixtures import FIXTURE_FAMILIES, build_tiny_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-# Remote-code modules are copied into HF_MODULES_CACHE; keep them out of the user's home.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from quantkit.fixtures import FIXTURE_FAMILIES, build_tiny_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,19 +24,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_hf_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("hf_home")
-    old = os.environ.get("HF_HOME")
-    os.environ["HF_HOME"] = str(cache)
-    os.environ["HF_MODULES_CACHE"] = str(cache / "modules")
-    yield
-    if old is None:
-        os.environ.pop("HF_HOME", None)
-    else:
-        os.environ["HF_HOME"] = old
 
 
 @pytest.fixture(scope="session")
