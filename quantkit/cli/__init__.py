@@ -16,18 +16,18 @@ import click
 from quantkit import __version__
 from quantkit.errors import NotAvailableError, QuantkitError
 
-# name -> (module, one-line description shown by `quantkit --help`)
+# name -> (module in this package, one-line description shown by `quantkit --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "inspect": ("quantkit.cli.inspect_cmd", "Describe a checkpoint: family, size, dtypes, quantization."),
-    "convert": ("quantkit.cli.convert_cmd", "Convert checkpoints (baichuan2-to-1: normalize the NormHead lm_head)."),
-    "gptq": ("quantkit.cli.gptq_cmd", "Quantize with GPTQ into safetensors every GPTQ loader reads."),
-    "bnb": ("quantkit.cli.bnb_cmd", "Quantize with bitsandbytes (NF4/FP4/int8) into serialized safetensors."),
-    "eval": ("quantkit.cli.eval_cmd", "Perplexity, KL divergence and C-Eval/CMMLU/MMLU accuracy."),
-    "mem": ("quantkit.cli.mem_cmd", "Memory after load and peak during a forward pass."),
-    "report": ("quantkit.cli.report_cmd", "Combine eval and mem results into tables and a plot."),
-    "push": ("quantkit.cli.push_cmd", "Upload an artifact with a model card to Hugging Face or ModelScope."),
-    "run": ("quantkit.cli.run_cmd", "Run a YAML recipe: convert, quantize, eval, mem, report, push."),
-    "export": ("quantkit.cli.export_cmd", "Export to ONNX (4-bit weights as MatMulNBits)."),
+    "inspect": ("inspect_cmd", "Describe a checkpoint: family, size, dtypes, quantization."),
+    "convert": ("convert_cmd", "Convert checkpoints (baichuan2-to-1 normalizes the NormHead)."),
+    "gptq": ("gptq_cmd", "Quantize with GPTQ into safetensors every GPTQ loader reads."),
+    "bnb": ("bnb_cmd", "Quantize with bitsandbytes (NF4/FP4/int8) into safetensors."),
+    "eval": ("eval_cmd", "Perplexity, KL divergence and C-Eval/CMMLU/MMLU accuracy."),
+    "mem": ("mem_cmd", "Memory after load and peak during a forward pass."),
+    "report": ("report_cmd", "Combine eval and mem results into tables and a plot."),
+    "push": ("push_cmd", "Upload an artifact with a model card to Hugging Face or ModelScope."),
+    "run": ("run_cmd", "Run a YAML recipe: convert, quantize, eval, mem, report, push."),
+    "export": ("export_cmd", "Export to ONNX (4-bit weights as MatMulNBits)."),
 }
 
 
@@ -48,6 +48,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module_name, help_text = COMMANDS[name]
+        module_name = f"{__name__}.{module_name}"
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
