@@ -201,6 +201,9 @@ def _check_settings(path: Path, step: Step) -> None:
         name = key.replace("-", "_")
         if step.type == "convert" and name == "kind":
             continue
+        if name == "token":
+            raise RecipeError(f"{path}: step {step.name!r}: a recipe must not hold a token "
+                              "(it would land in run.log); set HF_TOKEN or MODELSCOPE_API_TOKEN")
         if name not in allowed:
             hint = (" (the runner sets it)" if name in RUNNER_OWNED | positional
                     else _closest(name, allowed))
