@@ -339,6 +339,9 @@ def plan(recipe: Recipe, run_dir: Path) -> list[Invocation]:
             invocations.append(Invocation(step, args, [out], step.name))
         else:  # push
             target = model_paths[_resolve(step.input or _last_artifact(model_paths, base), base)]
+            if "report" not in step.settings and any(i.step.type == "report"
+                                                     for i in invocations):
+                extra += ["--report", str(run_dir / "report.md")]
             invocations.append(Invocation(step, [str(target), *extra], [], step.name))
     return invocations
 
