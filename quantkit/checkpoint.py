@@ -312,6 +312,31 @@ def atomic_output(dest: str | os.PathLike, *, source: str | os.PathLike | None =
         raise
 
 
+def check_file_destination(dest: str | os.PathLike, flag: str = "--out") -> Path:
+    """A single output file (result JSON, report): its folder must exist and be writable."""
+    dest = Path(dest).absolute()
+    if dest.is_dir():
+        raise OutputError(f"{flag} {dest}: is a folder; pass a file path")
+    if not dest.parent.is_dir():
+        raise OutputError(f"{flag} {dest}: no folder {dest.parent}; create it first")
+    if not os.access(dest.parent, os.W_OK):
+        raise OutputError(f"{flag} {dest}: {dest.parent} is not writable; choose another path")
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Yield a temporary sibling path; it replaces `dest` only if the block completes."""
+    dest = check_file_destination(dest, flag)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def check_destination(dest: Path, *, source: str | os.PathLike | None, force: bool) -> None:
     """Refuse an existing destination (unless forced), one inside the source, or no parent."""
     dest = Path(dest).absolute().resolve()

@@ -8,6 +8,7 @@ quantization applies, and outputs a multiple of 32 so 2/3/4/8-bit packing does.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,8 +27,9 @@ _SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, vocab_size=512, max_position_embeddings=256)
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer (no download), as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = None):
+    """A byte-level BPE tokenizer trained on `texts` (default: a built-in bilingual
+    snippet), as a transformers fast tokenizer. No download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +40,7 @@ def build_tokenizer(vocab_size: int = 512):
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([_TOKENIZER_TEXT * 4], trainer)
+    tok.train_from_iterator([_TOKENIZER_TEXT * 4] if texts is None else texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="</s>")
 

@@ -60,7 +60,8 @@ def load(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
     if method == "gptq":
         from quantkit.gptq.qlinear import load_gptq_model
 
-        model = load_gptq_model(ckpt, device=device, trust_remote_code=trust_remote_code)
+        model = load_gptq_model(ckpt, device=device, trust_remote_code=trust_remote_code,
+                                dtype=parse_dtype(dtype))
     elif method == "bitsandbytes":
         from quantkit.bnb import load_bnb_model
 

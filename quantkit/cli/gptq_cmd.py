@@ -1,0 +1,65 @@
+"""`quantkit gptq MODEL --out DIR [--bits 4] [--group-size 128] ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from quantkit.gptq.run import GPTQConfig, gptq_quantize
+
+
+@click.command(name="gptq")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="Output folder (written atomically).")
+@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="Inputs sharing one scale: 32, 64 or 128; -1: one per output row.")
+@click.option("--sym/--asym", default=True, show_default=True,
+              help="Symmetric grid (what vLLM's Marlin kernels need) or with zero points.")
+@click.option("--desc-act", is_flag=True,
+              help="Act-order: quantize inputs by decreasing activation energy.")
+@click.option("--static-groups", is_flag=True,
+              help="With --desc-act: fix each group's grid before the solve.")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Quantize a layer's Linears in forward order, each on quantized inputs.")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="Hessian damping (fraction of its mean diagonal); raised automatically "
+                   "when Cholesky fails.")
+@click.option("--calib", type=click.Path(path_type=str), default=None,
+              help="Calibration text file.  [default: the mixed Chinese/English set in "
+                   "calib_data/]")
+@click.option("--nsamples", type=int, default=128, show_default=True,
+              help="Calibration sequences.")
+@click.option("--seqlen", type=int, default=2048, show_default=True,
+              help="Tokens per calibration sequence.")
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per calibration forward.  [default: about 16k tokens]")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True)
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run the model's own Python code (Baichuan2, Aquila2, ...).")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_act: bool,
+            static_groups: bool, true_sequential: bool, damp: float, calib: str | None,
+            nsamples: int, seqlen: int, batch_size: int | None, device: str,
+            trust_remote_code: bool, force: bool, max_shard_size: str) -> None:
+    """Quantize MODEL with GPTQ into a folder every GPTQ loader reads.
+
+    Only the decoder layer being quantized and the calibration activations are on the
+    device. The output loads with transformers (optimum + gptqmodel), gptqmodel, vLLM,
+    exllamav2 and `quantkit.load`; quantkit.json records each layer's output error next to
+    round-to-nearest's.
+    """
+    cfg = GPTQConfig(
+        source=Path(model), dest=Path(out), bits=bits, group_size=group_size, sym=sym,
+        desc_act=desc_act, static_groups=static_groups, true_sequential=true_sequential,
+        damp=damp, calib=Path(calib) if calib else None, nsamples=nsamples, seqlen=seqlen,
+        batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
+        force=force, max_shard_size=max_shard_size,
+    )
+    result = gptq_quantize(cfg)
+    click.echo(f"wrote {result.dest} (GPTQ {bits}-bit, group {group_size}, "
+               f"{result.output_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")

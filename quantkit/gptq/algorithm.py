@@ -1,0 +1,380 @@
+"""GPTQ (Frantar et al., 2022) and round-to-nearest, as pure functions on tensors.
+
+Two solvers compute the same thing. `gptq_reference` is the paper's algorithm written to be
+read: one matrix, the blocked column loop, the rank-1 error update. `gptq_fast` solves every
+matrix that shares an input (q, k and v; gate and up) in one pass over the columns by
+stacking their rows, because each row's update depends only on the shared Hessian; the
+column loop is what costs time, so running it once instead of three times is the saving.
+Tests hold the two to the same answer.
+
+Conventions (the GPTQ checkpoint layout, see ANCHORS.md): a weight is `[out, in]`; groups
+run along `in`; a code `q` in `[0, 2**bits - 1]` stands for `scale * (q - zero)`. Scales are
+rounded to float16 *before* rounding the weights, so the grid the solver compensates for is
+exactly the grid the checkpoint stores. Asymmetric zero points are kept in `[1, 2**bits - 1]`
+so that the v1 format's "zero minus one" never underflows (see `choose_qparams`).
+
+No files, flags or logging here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_FP16_MAX = torch.finfo(torch.float16).max
+_MIN_SCALE = 2.0**-20  # scales below this round to a few float16 subnormal bits
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one weight matrix."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group for the whole row (per-channel)
+    sym: bool = True
+    desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
+    static_groups: bool = False  # with desc_act: groups fixed from the unpermuted weight
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added before inverting
+    block_size: int = 128  # columns per lazy-update block
+    damp_retries: int = 3  # each retry multiplies the damping by 10
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, columns: int) -> int:
+        return 1 if self.group_size == -1 else math.ceil(columns / self.group_size)
+
+    def block_for(self, columns: int) -> int:
+        """Blocks hold whole groups, so a group's scale sees its fully updated columns."""
+        if self.group_size == -1:
+            return self.block_size
+        return self.group_size * max(1, self.block_size // self.group_size)
+
+
+@dataclass
+class QuantResult:
+    """One quantized matrix: codes and grid in original column order, plus how it went."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # float32 holding float16 values [groups, out]
+    zeros: torch.Tensor  # int32 [groups, out], the zero point itself (not minus one)
+    g_idx: torch.Tensor  # int32 [in]: the group of each input column
+    damp: float = 0.0  # damping that made the Hessian invertible (0 for RTN)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight `[out, in]` these codes stand for."""
+        g = self.g_idx.long()
+        return self.scales[g].T * (self.codes.float() - self.zeros[g].T.float())
+
+
+class NotPositiveDefinite(Exception):
+    """The damped Hessian could not be Cholesky-factored with any damping tried."""
+
+    def __init__(self, damps: Sequence[float], nonfinite: bool):
+        self.damps = tuple(damps)
+        self.nonfinite = nonfinite
+        super().__init__(f"not positive-definite with damping {', '.join(map(str, damps))}")
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def choose_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point covering `w` `[rows, cols]` (min/max, like GPTQ).
+
+    Symmetric: zero is 2**(bits-1) and the scale spans [-max|w|, max|w|]. Asymmetric: the
+    range always includes 0; a zero point that would round to 0 (all weights >= -scale/2)
+    is moved to 1 with the scale widened to keep the top of the range, because v1
+    checkpoints store zero - 1 and loaders add the 1 back with an unsigned carry.
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    xmin = w.amin(dim=1).clamp(max=0)
+    xmax = w.amax(dim=1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = _fp16_grid((xmax - xmin) / maxq)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+        return scale, zero
+    zero = torch.round(-xmin / scale)
+    low = zero < 1
+    scale = torch.where(low, _fp16_grid(xmax / (maxq - 1)), scale)
+    zero = torch.where(low, 1.0, zero).clamp(1, maxq)
+    return scale, zero
+
+
+def _fp16_grid(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp(_MIN_SCALE, _FP16_MAX).half().float()
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   maxq: int) -> torch.Tensor:
+    """Nearest code for each weight; `scale`/`zero` broadcast against `w`."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def _group_starts(spec: QuantSpec, columns: int) -> range:
+    step = columns if spec.group_size == -1 else spec.group_size
+    return range(0, columns, step)
+
+
+# --------------------------------------------------------------------------- RTN
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """Round-to-nearest with the same grid as GPTQ: the baseline GPTQ must beat."""
+    w = weight.float()
+    rows, cols = w.shape
+    step = cols if spec.group_size == -1 else spec.group_size
+    codes = torch.empty_like(w)
+    scales, zeros = [], []
+    for start in _group_starts(spec, cols):
+        block = w[:, start:start + step]
+        scale, zero = choose_qparams(block, spec.bits, spec.sym)
+        codes[:, start:start + step] = quantize_codes(block, scale[:, None], zero[:, None],
+                                                      spec.maxq)
+        scales.append(scale)
+        zeros.append(zero)
+    g_idx = torch.arange(cols, device=w.device) // step
+    return QuantResult(codes.to(torch.uint8), torch.stack(scales), torch.stack(zeros).int(),
+                       g_idx.int())
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float,
+                             retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of the damped inverse Hessian, raising damping on failure.
+
+    Real calibration Hessians are often numerically singular (Baichuan2-13B users meet
+    "not positive-definite"); adding a larger multiple of the mean diagonal fixes that at
+    a small cost in accuracy, so retry before giving up.
+    """
+    tried = []
+    nonfinite = not bool(torch.isfinite(hessian).all())
+    mean_diag = torch.mean(torch.diag(hessian))
+    for attempt in range(retries + 1):
+        d = damp * 10**attempt
+        tried.append(d)
+        if nonfinite:
+            break
+        h = hessian.clone()
+        h.diagonal().add_(d * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info.item() != 0:
+            continue
+        hinv = torch.cholesky_inverse(lower)
+        upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        if info.item() == 0 and bool(torch.isfinite(upper).all()):
+            return upper, d
+    raise NotPositiveDefinite(tried, nonfinite)
+
+
+def act_order_permutation(hessian: torch.Tensor) -> torch.Tensor:
+    """Columns with the largest Hessian diagonal (most activation energy) go first."""
+    return torch.argsort(torch.diag(hessian), descending=True, stable=True)
+
+
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor):
+    """Float32 copies with dead inputs (never activated) zeroed and made invertible."""
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
+def _static_params(w: torch.Tensor, spec: QuantSpec):
+    """Static groups: every group's grid from the (unpermuted) weight before any update."""
+    step = spec.group_size
+    params = [choose_qparams(w[:, s:s + step], spec.bits, spec.sym)
+              for s in range(0, w.shape[1], step)]
+    return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
+
+
+def _g_idx(spec: QuantSpec, columns: int, perm: torch.Tensor | None,
+           device) -> torch.Tensor:
+    """Group of each original column; under act-order, groups follow the processing order."""
+    if spec.group_size == -1:
+        return torch.zeros(columns, dtype=torch.int32, device=device)
+    position = torch.arange(columns, device=device)
+    if perm is None or spec.static_groups:
+        return (position // spec.group_size).int()
+    g_idx = torch.empty(columns, dtype=torch.int32, device=device)
+    g_idx[perm] = (position // spec.group_size).int()
+    return g_idx
+
+
+def check_spec(spec: QuantSpec, columns: int) -> None:
+    if spec.bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {spec.bits}")
+    if spec.group_size != -1 and (spec.group_size <= 0 or columns % spec.group_size):
+        raise ValueError(f"group size {spec.group_size} does not divide {columns} columns")
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """GPTQ on one matrix, written the way the paper's Algorithm 1 reads.
+
+    `hessian` is X^T X (any positive multiple) of the matrix's inputs X `[tokens, in]`.
+    """
+    rows, cols = weight.shape
+    check_spec(spec, cols)
+    w, h = _prepare(weight, hessian)
+    if spec.static_groups and spec.group_size != -1:
+        static_scale, static_zero = _static_params(w, spec)
+    perm = None
+    if spec.desc_act:
+        perm = act_order_permutation(h)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv, damp = inverse_hessian_cholesky(h, spec.damp, spec.damp_retries)
+
+    codes = torch.zeros_like(w)
+    scales, zeros = [], []
+    if spec.group_size == -1:
+        scale, zero = choose_qparams(w, spec.bits, spec.sym)
+        scales, zeros = [scale], [zero]
+    block = spec.block_for(cols)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if spec.group_size != -1:
+                if spec.static_groups:
+                    g = (int(perm[col]) if perm is not None else col) // spec.group_size
+                    scale, zero = static_scale[g], static_zero[g]
+                elif col % spec.group_size == 0:
+                    scale, zero = choose_qparams(w1[:, i:i + spec.group_size], spec.bits,
+                                                 spec.sym)
+                    scales.append(scale)
+                    zeros.append(zero)
+            q = quantize_codes(w1[:, i], scale, zero, spec.maxq)
+            codes[:, col] = q
+            dequantized = scale * (q - zero)
+            err = (w1[:, i] - dequantized) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if spec.static_groups and spec.group_size != -1:
+        scales, zeros = static_scale, static_zero
+    else:
+        scales, zeros = torch.stack(scales), torch.stack(zeros)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return QuantResult(codes.to(torch.uint8), scales, zeros.int(),
+                       _g_idx(spec, cols, perm, w.device), damp)
+
+
+# --------------------------------------------------------------------------- fast
+
+
+def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
+              spec: QuantSpec) -> list[QuantResult]:
+    """GPTQ on every matrix that shares `hessian`, in one column loop over stacked rows.
+
+    Same result as `gptq_reference` on each matrix (up to float rounding). Besides the
+    shared loop it keeps per-column work to in-place kernels and builds group grids
+    for all rows at once.
+    """
+    sizes = [w.shape[0] for w in weights]
+    cols = weights[0].shape[1]
+    check_spec(spec, cols)
+    w, h = _prepare(torch.cat(list(weights)) if len(weights) > 1 else weights[0], hessian)
+    grouped = spec.group_size != -1
+    if spec.static_groups and grouped:
+        static_scale, static_zero = _static_params(w, spec)
+    perm = None
+    if spec.desc_act:
+        perm = act_order_permutation(h)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv, damp = inverse_hessian_cholesky(h, spec.damp, spec.damp_retries)
+    diag = torch.diag(hinv).clone()
+
+    rows = w.shape[0]
+    codes = torch.empty((rows, cols), dtype=torch.float32, device=w.device)
+    col_scale = torch.empty_like(codes)  # each column's grid, filled group by group
+    col_zero = torch.empty_like(codes)
+    if not grouped:
+        scale, zero = choose_qparams(w, spec.bits, spec.sym)
+        col_scale[:] = scale[:, None]
+        col_zero[:] = zero[:, None]
+        scales, zeros = scale[None], zero[None]
+    elif spec.static_groups:
+        group_of = (perm if perm is not None else torch.arange(cols, device=w.device))
+        group_of = group_of // spec.group_size
+        col_scale[:] = static_scale[group_of].T
+        col_zero[:] = static_zero[group_of].T
+        scales, zeros = static_scale, static_zero
+    else:
+        scales = torch.empty((cols // spec.group_size, rows), device=w.device)
+        zeros = torch.empty_like(scales)
+
+    block = spec.block_for(cols)
+    err1 = torch.empty((rows, block), device=w.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2]  # a view: updates land in `w` directly
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grouped and not spec.static_groups and col % spec.group_size == 0:
+                g = col // spec.group_size
+                scale, zero = choose_qparams(w1[:, i:i + spec.group_size], spec.bits, spec.sym)
+                scales[g], zeros[g] = scale, zero
+                col_scale[:, col:col + spec.group_size] = scale[:, None]
+                col_zero[:, col:col + spec.group_size] = zero[:, None]
+            q = quantize_codes(w1[:, i], col_scale[:, col], col_zero[:, col], spec.maxq)
+            codes[:, col] = q
+            err = err1[:, i]
+            torch.sub(w1[:, i], col_scale[:, col] * (q - col_zero[:, col]), out=err)
+            err.div_(diag[col])
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
+        w[:, i2:].addmm_(err1[:, :i2 - i1], hinv[i1:i2, i2:], alpha=-1)
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    g_idx = _g_idx(spec, cols, perm, w.device)
+    results, start = [], 0
+    codes = codes.to(torch.uint8)
+    for size in sizes:
+        part = slice(start, start + size)
+        results.append(QuantResult(codes[part], scales[:, part].contiguous(),
+                                   zeros[:, part].int().contiguous(), g_idx, damp))
+        start += size
+    return results
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def output_errors(weight: torch.Tensor, candidates: Sequence[torch.Tensor],
+                  hessian: torch.Tensor) -> list[float]:
+    """Relative output error ||(W - Q) X^T||^2 / ||W X^T||^2 of each candidate Q, from
+    H = X^T X alone (no second pass over the calibration data)."""
+    w = weight.float()
+    h = hessian.float()
+    den = float(torch.sum((w @ h) * w))
+    errors = []
+    for quantized in candidates:
+        delta = w - quantized.float()
+        num = float(torch.sum((delta @ h) * delta))
+        errors.append(num / den if den > 0 else num)
+    return errors

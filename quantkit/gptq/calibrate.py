@@ -1,0 +1,436 @@
+"""Layer streaming: run calibration text through the model one decoder layer at a time.
+
+Only the decoder layer being quantized and the calibration activations live on the
+device; everything else stays in host memory. The first layer's inputs are captured once
+from a real forward of the whole model (a pre-hook records every argument the model
+passes -- masks, position ids, rotary embeddings, ALiBi biases -- then stops the forward),
+so the engine never re-implements any architecture's preamble. Each layer is then replayed
+from those inputs, quantized, and its quantized outputs become the next layer's inputs.
+
+Inside a layer, Linears that read the same tensor (q, k, v; gate, up) form a group that
+shares one Hessian and one solve. With true-sequential (the default) the groups are
+quantized in forward order, each after a forward through the already-quantized groups
+before it; that forward stops as soon as the group's input has been seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.errors import QuantizationError
+from quantkit.families import Family, supported_families
+from quantkit.gptq.algorithm import (
+    NotPositiveDefinite,
+    QuantSpec,
+    gptq_fast,
+    gptq_reference,
+    output_errors,
+    rtn_quantize,
+)
+from quantkit.gptq.pack import PackedLinear, pack_result
+from quantkit.gptq.timing import PhaseTimer
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("fast", "reference")
+_AUTO_BATCH_TOKENS = 16384  # tokens per calibration forward when --batch-size is not given
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once it has given what we need."""
+
+
+@dataclass
+class LinearReport:
+    """How one Linear came out: relative output error on the calibration inputs."""
+
+    name: str
+    error: float  # ||(W - Q) X||^2 / ||W X||^2 for GPTQ
+    rtn_error: float  # the same for round-to-nearest on the same grid
+    damp: float
+
+
+@dataclass
+class QuantizedLayers:
+    """Everything the artifact writer needs from a run, tensors already on the host."""
+
+    layers_path: str
+    packed: dict[str, PackedLinear] = field(default_factory=dict)  # module path -> tensors
+    reports: list[LinearReport] = field(default_factory=list)
+
+    def layer_errors(self) -> list[tuple[int, float, float]]:
+        """(decoder layer index, mean GPTQ error, mean RTN error) per decoder layer."""
+        by_layer: dict[int, list[LinearReport]] = {}
+        prefix = self.layers_path + "."
+        for report in self.reports:
+            index = int(report.name[len(prefix):].split(".", 1)[0])
+            by_layer.setdefault(index, []).append(report)
+        return [(i, sum(r.error for r in rs) / len(rs), sum(r.rtn_error for r in rs) / len(rs))
+                for i, rs in sorted(by_layer.items())]
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How to run the layers: where, in what batches, with which solver."""
+
+    device: str = "cpu"
+    batch_size: int | None = None  # None: about 16k tokens per forward
+    true_sequential: bool = True
+    solver: str = "fast"
+    activations_on_host: bool = False  # keep calibration activations in host memory
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _has_linear(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in module.modules())
+
+
+def find_decoder_layers(model: nn.Module, family: Family | None,
+                        label: str) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: from the family table, else the largest list of
+    identical blocks that hold Linear modules."""
+    if family is not None:
+        layers = get_submodule(model, family.layers_path)
+        if isinstance(layers, nn.ModuleList) and len(layers) and _has_linear(layers[0]):
+            return family.layers_path, layers
+    candidates = []
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and len(module)
+                and len({type(m) for m in module}) == 1 and _has_linear(module[0])):
+            size = sum(p.numel() for p in module.parameters())
+            candidates.append((size, name, module))
+    if not candidates:
+        raise QuantizationError(
+            f"{label}: found no decoder layers with Linear modules to quantize; quantkit "
+            f"supports these families: {supported_families()}"
+        )
+    _, name, layers = max(candidates, key=lambda c: c[0])
+    if family is None:
+        log.warning("%s: not in quantkit's family table; quantizing the %d blocks at %s",
+                    label, len(layers), name)
+    return name, layers
+
+
+def linear_names(layer: nn.Module) -> list[str]:
+    return [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def trace_linear_groups(layer: nn.Module, run: Callable[[], None]) -> list[list[str]]:
+    """Linears grouped by the tensor they read, in the order the forward reaches them."""
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+    handles = []
+
+    def hook(name):
+        def record(module, args):
+            x = args[0]
+            for tensor, names in seen:
+                if tensor is x:
+                    names.append(name)
+                    return
+            seen.append((x, [name]))
+        return record
+
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [names for _, names in seen]
+
+
+def linear_groups(layer: nn.Module, family: Family | None,
+                  run: Callable[[], None]) -> list[list[str]]:
+    """The family table's groups when they name exactly this layer's Linears, else traced."""
+    names = set(linear_names(layer))
+    if family is not None and set(family.linear_names) == names:
+        return [list(g) for g in family.sequential_groups]
+    groups = trace_linear_groups(layer, run)
+    missing = names - {n for g in groups for n in g}
+    if missing:
+        raise QuantizationError(f"Linear modules {', '.join(sorted(missing))} never ran "
+                                "during calibration, so GPTQ has no inputs for them")
+    if family is not None:
+        log.info("Linear groups traced from a forward pass (the %s table does not match): %s",
+                 family.name, groups)
+    return groups
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass
+class LayerInputs:
+    """What the model passes to the first decoder layer, one entry per batch."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _share_equal(obj, first):
+    """Reuse batch 0's tensor where this batch's is identical (masks, rotary tables)."""
+    if isinstance(obj, torch.Tensor) and isinstance(first, torch.Tensor):
+        same = (obj.shape == first.shape and obj.dtype == first.dtype
+                and obj.device == first.device and torch.equal(obj, first))
+        return first if same else obj
+    if isinstance(obj, (list, tuple)) and isinstance(first, (list, tuple)) and len(obj) == len(
+            first):
+        return type(obj)(_share_equal(o, f) for o, f in zip(obj, first, strict=True))
+    if isinstance(obj, dict) and isinstance(first, dict):
+        return {k: _share_equal(v, first.get(k)) for k, v in obj.items()}
+    return obj
+
+
+def _move_params(module: nn.Module, device, skip: Sequence[nn.Module]) -> None:
+    """Move parameters and buffers to `device`, except inside the `skip` subtrees."""
+    skipped = {id(m) for s in skip for m in s.modules()}
+    for m in module.modules():
+        if id(m) in skipped:
+            continue
+        for key, p in m._parameters.items():
+            if p is not None and p.device != torch.device(device):
+                m._parameters[key] = nn.Parameter(p.data.to(device), requires_grad=False)
+        for key, b in m._buffers.items():
+            if b is not None:
+                m._buffers[key] = b.to(device)
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if "use_cache" in params or takes_any else {}
+
+
+def batches(total: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
+                   batch_size: int, device: str, act_device: str) -> LayerInputs:
+    """Run the model up to its first decoder layer and keep what that layer receives."""
+    captured = LayerInputs([], [], [])
+
+    def grab(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.to(act_device))
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = [layers] + ([head] if isinstance(head, nn.Module) else [])
+    if device != "cpu":
+        _move_params(model, device, skip)
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    extra = _forward_kwargs(model)
+    try:
+        for part in batches(len(input_ids), batch_size):
+            try:
+                model(input_ids=input_ids[part].to(device), **extra)
+            except _StopForward:
+                pass
+            else:
+                raise QuantizationError("the model ran to the end without calling its first "
+                                        "decoder layer; quantkit cannot capture its inputs")
+    finally:
+        handle.remove()
+        if device != "cpu":
+            _move_params(model, "cpu", skip)
+    for i in range(1, len(captured.kwargs)):
+        captured.args[i] = _share_equal(captured.args[i], captured.args[0])
+        captured.kwargs[i] = _share_equal(captured.kwargs[i], captured.kwargs[0])
+    return captured
+
+
+# --------------------------------------------------------------------------- per layer
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _HessianHooks:
+    """Accumulate X^T X (float32) for the first Linear of each group during forwards."""
+
+    def __init__(self, modules: dict[str, nn.Module], groups: list[list[str]], device: str,
+                 timer: PhaseTimer):
+        self.timer = timer
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.fired: set[str] = set()
+        self.handles = []
+        self.stop_after_all = True
+        for group in groups:
+            key = group[0]
+            module = modules[key]
+            self.hessians[key] = torch.zeros((module.in_features, module.in_features),
+                                             dtype=torch.float32, device=device)
+            self.rows[key] = 0
+            self.handles.append(module.register_forward_pre_hook(self._hook(key)))
+
+    def _hook(self, key):
+        def accumulate(module, args):
+            with self.timer.phase("hessians"):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                add_gram(self.hessians[key], x)
+                self.rows[key] += x.shape[0]
+            self.fired.add(key)
+            if self.stop_after_all and len(self.fired) == len(self.hessians):
+                raise _StopForward
+        return accumulate
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    """hessian += x^T x in float32; on CUDA straight from bf16/fp16 products when supported."""
+    device_type = x.device.type
+    if x.dtype != torch.float32 and _MM_OUT_DTYPE.get(device_type, device_type == "cuda"):
+        try:
+            hessian.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+            _MM_OUT_DTYPE[device_type] = True
+            return
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[device_type] = False
+    xf = x.float()
+    hessian.addmm_(xf.T, xf)
+
+
+class LayerRunner:
+    """Forwards of one decoder layer over all calibration batches."""
+
+    def __init__(self, layer: nn.Module, inputs: LayerInputs, device: str):
+        self.layer = layer
+        self.inputs = inputs
+        self.device = device
+
+    def forward(self, i: int):
+        hidden = self.inputs.hidden[i].to(self.device, non_blocking=True)
+        return _first(self.layer(hidden, *self.inputs.args[i], **self.inputs.kwargs[i]))
+
+    def outputs(self, act_device: str) -> list[torch.Tensor]:
+        return [self.forward(i).to(act_device) for i in range(len(self.inputs.hidden))]
+
+
+def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
+                 hessian: torch.Tensor, rows: int, spec: QuantSpec, solver: str,
+                 timer: PhaseTimer, out: QuantizedLayers) -> None:
+    """Quantize the Linears that share `hessian`; write the dequantized weights back in place
+    so later groups and layers see the quantized model."""
+    label = f"{prefix}.{'/'.join(names)}"
+    if rows == 0:
+        raise QuantizationError(f"{label}: received no inputs during calibration")
+    weights = [modules[n].weight.data for n in names]
+    with timer.phase("solve"):
+        try:
+            if solver == "fast":
+                results = gptq_fast(weights, hessian, spec)
+            else:
+                results = [gptq_reference(w, hessian, spec) for w in weights]
+        except NotPositiveDefinite as exc:
+            reason = ("it holds Inf/NaN: this layer's inputs overflow" if exc.nonfinite else
+                      f"even with damping {exc.damps[-1]:g} (tried "
+                      f"{', '.join(f'{d:g}' for d in exc.damps)})")
+            raise QuantizationError(
+                f"{label}: the Hessian is not positive-definite, {reason}; try a larger "
+                "--damp, more or different calibration text (--calib, --nsamples)"
+            ) from None
+        reports = []
+        for name, weight, result in zip(names, weights, results, strict=True):
+            quantized = result.dequantize()
+            rtn = rtn_quantize(weight, spec).dequantize()
+            error, rtn_error = output_errors(weight, [quantized, rtn], hessian)
+            reports.append(LinearReport(f"{prefix}.{name}", error, rtn_error, result.damp))
+            weight.copy_(quantized.to(weight.dtype))
+    with timer.phase("pack"):
+        for name, result in zip(names, results, strict=True):
+            out.packed[f"{prefix}.{name}"] = pack_result(result, spec.bits).to("cpu")
+    out.reports.extend(reports)
+
+
+@torch.no_grad()
+def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, *,
+                    family: Family | None, options: StreamOptions, timer: PhaseTimer,
+                    label: str) -> QuantizedLayers:
+    """Quantize every Linear of every decoder layer of `model` (in host memory) in place.
+
+    On return the model's Linear weights hold their dequantized values (a fake-quantized
+    model) and the result holds the packed tensors to write.
+    """
+    if options.solver not in SOLVERS:
+        raise ValueError(f"solver {options.solver!r}: expected one of {SOLVERS}")
+    device = options.device
+    act_device = "cpu" if options.activations_on_host else device
+    layers_path, layers = find_decoder_layers(model, family, label)
+    batch_size = options.batch_size or max(1, _AUTO_BATCH_TOKENS // input_ids.shape[1])
+    with timer.phase("capture"):
+        inputs = capture_inputs(model, layers, input_ids, batch_size, device, act_device)
+    result = QuantizedLayers(layers_path)
+    progress = tqdm(layers, desc="GPTQ", unit="layer", leave=False)
+    for index, layer in enumerate(progress):
+        prefix = f"{layers_path}.{index}"
+        layer.to(device)
+        runner = LayerRunner(layer, inputs, device)
+        modules = dict(layer.named_modules())
+        groups = linear_groups(layer, family, functools.partial(runner.forward, 0))
+        stages = [[g] for g in groups] if options.true_sequential else [groups]
+        for stage in stages:
+            hooks = _HessianHooks(modules, stage, device, timer)
+            try:
+                with timer.phase("forwards"):
+                    for i in range(len(inputs.hidden)):
+                        hooks.fired.clear()
+                        try:
+                            runner.forward(i)
+                        except _StopForward:
+                            pass
+            finally:
+                hooks.remove()
+            for group in stage:
+                _solve_group(modules, group, prefix, hooks.hessians[group[0]],
+                             hooks.rows[group[0]], spec, options.solver, timer, result)
+            del hooks
+        with timer.phase("forwards"):
+            inputs.hidden = runner.outputs(act_device)
+        layer.to("cpu")
+        errors = [r for r in result.reports if r.name.startswith(prefix + ".")]
+        progress.set_postfix(error=f"{sum(r.error for r in errors) / len(errors):.4g}")
+    progress.close()
+    return result

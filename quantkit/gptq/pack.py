@@ -1,0 +1,177 @@
+"""GPTQ codes to and from the int32 checkpoint layout, vectorized.
+
+The layout every GPTQ loader reads (auto-gptq, gptqmodel, vLLM, exllamav2):
+
+- `qweight` int32 `[in * bits / 32, out]`: codes packed along the input dimension;
+- `qzeros` int32 `[groups, out * bits / 32]`: zero points packed along the output dimension,
+  stored minus one in v1 (`checkpoint_format: "gptq"`), as they are in `"gptq_v2"`;
+- `scales` float16 `[groups, out]`; `g_idx` int32 `[in]`.
+
+Codes form one little-endian bit stream per column: code k sits at bits `k*bits` onwards,
+lowest bits first. For 2, 4 and 8 bits that is plain shift-and-or within each word; for
+3 bits, 32 codes fill three words and codes 10 and 21 straddle a word boundary, exactly
+as auto-gptq's packer lays them out. Both directions loop over the 32 positions of a chunk,
+never over rows, so packing a 7B model takes seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.gptq.algorithm import QuantResult
+
+FORMATS = ("gptq", "gptq_v2")
+
+
+def zero_offset(checkpoint_format: str) -> int:
+    """What a loader adds to a stored zero point: 1 for v1 ("gptq"), 0 for "gptq_v2"."""
+    if checkpoint_format not in FORMATS:
+        raise ValueError(f"checkpoint_format {checkpoint_format!r}: expected one of {FORMATS}")
+    return 1 if checkpoint_format == "gptq" else 0
+
+
+def _positions(bits: int):
+    """For each code of a 32-code chunk: (word, shift, bits spilling into the next word)."""
+    for k in range(32):
+        offset = k * bits
+        word, shift = divmod(offset, 32)
+        yield k, word, shift, max(0, shift + bits - 32)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes `[n, cols]` (n a multiple of 32) along dim 0 into int32."""
+    n, cols = values.shape
+    if n % 32:
+        raise ValueError(f"cannot pack {n} rows: not a multiple of 32")
+    v = values.to(torch.int64).reshape(n // 32, 32, cols)
+    words = torch.zeros((n // 32, bits, cols), dtype=torch.int64, device=values.device)
+    for k, word, shift, spill in _positions(bits):
+        words[:, word] |= (v[:, k] << shift) & 0xFFFFFFFF
+        if spill:
+            words[:, word + 1] |= v[:, k] >> (bits - spill)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement int32
+    return words.reshape(n // 32 * bits, cols).to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_rows`: int32 `[n * bits / 32, cols]` -> int32 codes `[n, cols]`."""
+    rows, cols = packed.shape
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
+        return codes.reshape(rows * (32 // bits), cols)
+    if rows % bits:
+        raise ValueError(f"{rows} packed rows is not a whole number of {bits}-bit chunks")
+    words = packed.reshape(rows // bits, bits, cols)
+    codes = torch.empty((rows // bits, 32, cols), dtype=torch.int32, device=packed.device)
+    for k, word, shift, spill in _positions(bits):
+        # Arithmetic right shifts smear the sign bit; the mask keeps only this code's bits.
+        if spill:
+            low_bits = bits - spill
+            code = (words[:, word] >> shift) & ((1 << low_bits) - 1)
+            code |= (words[:, word + 1] << low_bits) & mask
+        else:
+            code = (words[:, word] >> shift) & mask
+        codes[:, k] = code
+    return codes.reshape(rows // bits * 32, cols)
+
+
+def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack `[rows, n]` along dim 1 (how qzeros are stored)."""
+    return pack_rows(values.T, bits).T.contiguous()
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_rows(packed.T.contiguous(), bits).T.contiguous()
+
+
+@dataclass
+class PackedLinear:
+    """The tensors one quantized Linear contributes to a checkpoint."""
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+
+    def named_tensors(self, module: str) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{module}.qweight", self.qweight), (f"{module}.qzeros", self.qzeros),
+                (f"{module}.scales", self.scales), (f"{module}.g_idx", self.g_idx)]
+
+    def to(self, device) -> PackedLinear:
+        return PackedLinear(self.qweight.to(device), self.qzeros.to(device),
+                            self.scales.to(device), self.g_idx.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qweight, self.qzeros, self.scales, self.g_idx))
+
+
+def check_packable(out_features: int, in_features: int, bits: int) -> str | None:
+    """Why a `[out, in]` matrix cannot be stored at `bits`, or None when it can."""
+    if in_features % 32:
+        return f"its input size {in_features} is not a multiple of 32"
+    if (out_features * bits) % 32 or (bits == 3 and out_features % 32):
+        return f"its output size {out_features} does not pack into whole {bits}-bit words"
+    return None
+
+
+def pack_result(result: QuantResult, bits: int, checkpoint_format: str = "gptq") -> PackedLinear:
+    """A solver's result in the checkpoint layout (on the result's device)."""
+    zeros = result.zeros.to(torch.int64) - zero_offset(checkpoint_format)
+    if bool((zeros < 0).any()):
+        raise ValueError("a zero point of 0 cannot be stored in the v1 format")
+    return PackedLinear(
+        qweight=pack_rows(result.codes.T, bits),
+        qzeros=pack_cols(zeros, bits),
+        scales=result.scales.to(torch.float16).contiguous(),
+        g_idx=result.g_idx.to(torch.int32).contiguous(),
+    )
+
+
+def add_one_per_field(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """v1 -> v2 zero points: add 1 to every packed field as one integer addition.
+
+    Writers store v1 by subtracting 1 from the packed integer, not field by field, so a zero
+    point of 0 becomes an all-ones field that borrowed from its neighbour (gptqmodel writes
+    such files for --asym). Adding back the same way, carries included, undoes it exactly;
+    where no field was 0 it is the same as adding 1 to each field.
+    """
+    rows, cols = qzeros.shape
+    words_per_chunk = bits if 32 % bits else 1
+    ones = torch.zeros(words_per_chunk, dtype=torch.int64)
+    for _, word, shift, _ in _positions(bits):
+        if word < words_per_chunk:
+            ones[word] |= 1 << shift
+    words = (qzeros.to(torch.int64) & 0xFFFFFFFF).reshape(rows, -1, words_per_chunk)
+    ones = ones.to(qzeros.device)
+    carry = torch.zeros_like(words[..., 0])
+    out = torch.empty_like(words)
+    for w in range(words_per_chunk):  # little-endian: the carry runs into the next word
+        total = words[..., w] + ones[w] + carry
+        out[..., w] = total & 0xFFFFFFFF
+        carry = total >> 32
+    out = torch.where(out >= 2**31, out - 2**32, out)
+    return out.reshape(rows, cols).to(torch.int32)
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
+    """Zero points `[groups, out]` from qzeros stored with `offset` (1 for v1, 0 for v2)."""
+    if offset:
+        qzeros = add_one_per_field(qzeros, bits)
+    return unpack_cols(qzeros, bits)
+
+
+def unpack_weight(packed: PackedLinear, bits: int, offset: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight `[out, in]` a packed Linear stands for, computed in float32."""
+    codes = unpack_rows(packed.qweight, bits)  # [in, out]
+    zeros = unpack_zeros(packed.qzeros, bits, offset)  # [groups, out]
+    g = packed.g_idx.long()
+    scales = packed.scales.float()
+    weight_t = (codes - zeros[g]).float() * scales[g]
+    return weight_t.T.to(dtype)

@@ -1,0 +1,309 @@
+"""`quantkit gptq`: from a BF16 checkpoint folder to a GPTQ folder, checking inputs first.
+
+Every mistake a user can make is caught before the long part starts (flags, calibration
+text, group sizes that do not divide a layer, NaN weights), and nothing is written until
+the whole model is quantized, so a failure or Ctrl-C leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.checkpoint import (
+    Checkpoint,
+    check_destination,
+    folder_size,
+    open_checkpoint,
+    parse_size,
+)
+from quantkit.errors import ConfigError, QuantizationError
+from quantkit.families import Family, family_for
+from quantkit.gptq.algorithm import SUPPORTED_BITS, QuantSpec
+from quantkit.gptq.artifact import write_artifact
+from quantkit.gptq.calibrate import (
+    SOLVERS,
+    QuantizedLayers,
+    StreamOptions,
+    find_decoder_layers,
+    quantize_layers,
+)
+from quantkit.gptq.pack import check_packable
+from quantkit.gptq.timing import PhaseTimer
+from quantkit.loading import check_remote_code, load_tokenizer, resolve_device
+
+log = logging.getLogger(__name__)
+
+GROUP_SIZES = (-1, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Everything `quantkit gptq` needs; the CLI, recipes and the benchmark build one."""
+
+    source: Path
+    dest: Path
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp: float = 0.01
+    calib: Path | None = None  # None: the mixed Chinese/English set in calib_data/
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int | None = None  # None: about 16k tokens per forward
+    device: str = "auto"
+    trust_remote_code: bool = False
+    force: bool = False
+    max_shard_size: str = "5GB"
+    solver: str = "fast"  # "reference": the paper's loop, one matrix at a time
+    max_gpu_memory: str | None = None  # e.g. "24GiB": keep activations on the host if needed
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"--bits {self.bits}: GPTQ checkpoints support "
+                              f"{', '.join(map(str, SUPPORTED_BITS))} bits; choose one of them")
+        if self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"--group-size {self.group_size}: choose 32, 64 or 128 (what "
+                              "GPTQ kernels run), or -1 for one group per output row")
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"--damp {self.damp}: must be between 0 and 1 (exclusive); "
+                              "0.01 is the usual value, 0.1 for hard models")
+        for flag, value in (("--nsamples", self.nsamples), ("--seqlen", self.seqlen),
+                            ("--batch-size", self.batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} {value}: must be a positive number")
+        if self.static_groups and not self.desc_act:
+            log.debug("--static-groups has no effect without --desc-act")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                         desc_act=self.desc_act, static_groups=self.static_groups,
+                         damp=self.damp)
+
+    def settings(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym,
+                "desc_act": self.desc_act, "static_groups": self.static_groups,
+                "true_sequential": self.true_sequential, "damp_percent": self.damp,
+                "solver": self.solver, "checkpoint_format": "gptq"}
+
+
+@dataclass
+class GPTQResult:
+    dest: Path
+    model: nn.Module  # the source model, each quantized weight replaced by its dequantized value
+    layers: QuantizedLayers
+    manifest: dict
+    seconds: float
+    output_bytes: int
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def context_length(config: dict) -> int | None:
+    for key in ("max_position_embeddings", "model_max_length", "seq_length", "n_positions"):
+        if config.get(key):
+            return int(config[key])
+    return None
+
+
+def check_seqlen(ckpt: Checkpoint, seqlen: int) -> None:
+    limit = context_length(ckpt.config)
+    if limit is not None and seqlen > limit:
+        raise ConfigError(f"--seqlen {seqlen}: longer than the context of {ckpt.path} "
+                          f"({limit} tokens); pass --seqlen {limit} or less")
+
+
+def check_layers(model: nn.Module, family: Family | None, spec: QuantSpec, label: str) -> None:
+    """Every Linear to quantize must split into whole groups and pack into whole words."""
+    layers_path, layers = find_decoder_layers(model, family, label)
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            full = f"{layers_path}.{index}.{name}"
+            if spec.group_size != -1 and module.in_features % spec.group_size:
+                raise ConfigError(
+                    f"--group-size {spec.group_size}: does not divide the input size "
+                    f"{module.in_features} of {full}; choose a group size that divides it, "
+                    "or -1")
+            reason = check_packable(module.out_features, module.in_features, spec.bits)
+            if reason:
+                raise QuantizationError(f"{full} cannot be stored as {spec.bits}-bit GPTQ: "
+                                        f"{reason}")
+
+
+def check_finite(model: nn.Module, label: str) -> None:
+    """NaN/Inf weights poison every Hessian downstream; name the tensor instead."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise QuantizationError(f"{label}: tensor {name} contains NaN or Inf values; the "
+                                    "checkpoint is damaged, download or convert it again")
+
+
+def check_tensor_names(model: nn.Module, ckpt: Checkpoint, family: Family | None) -> None:
+    """Each Linear we will quantize must be a tensor of the checkpoint, by the same name."""
+    layers_path, layers = find_decoder_layers(model, family, str(ckpt.path))
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            tensor = f"{layers_path}.{index}.{name}.weight"
+            if isinstance(module, nn.Linear) and tensor not in ckpt.weight_map:
+                raise QuantizationError(
+                    f"{ckpt.path}: the model's module {tensor} has no tensor of that name "
+                    "in the checkpoint; quantkit cannot map it")
+
+
+def activations_fit(max_gpu_memory: str | None, *, tokens: int, hidden: int,
+                    layer_bytes: int, widest_input: int, widest_rows: int,
+                    dtype_bytes: int = 2) -> bool:
+    """Whether the calibration activations can stay on the GPU under `--max-gpu-memory`.
+
+    Counts the layer's inputs and outputs, the layer itself, and the solve's float32
+    workspace (Hessian, its inverse, the stacked weights being solved).
+    """
+    if max_gpu_memory is None:
+        return True
+    budget = parse_size(max_gpu_memory)
+    activations = 2 * tokens * hidden * dtype_bytes
+    solve = 3 * widest_input**2 * 4 + 3 * widest_rows * widest_input * 4
+    return activations + 2 * layer_bytes + solve <= budget
+
+
+def stream_options(cfg: GPTQConfig, model: nn.Module, family: Family | None, device: str,
+                   label: str) -> StreamOptions:
+    on_host = False
+    if device != "cpu" and cfg.max_gpu_memory is not None:
+        _, layers = find_decoder_layers(model, family, label)
+        linears = [m for m in layers[0].modules() if isinstance(m, nn.Linear)]
+        layer_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())
+        hidden = model.get_input_embeddings().embedding_dim
+        on_host = not activations_fit(
+            cfg.max_gpu_memory, tokens=cfg.nsamples * cfg.seqlen, hidden=hidden,
+            layer_bytes=layer_bytes, widest_input=max(m.in_features for m in linears),
+            widest_rows=sum(m.out_features for m in linears))
+        if on_host:
+            log.info("calibration activations stay in host memory to fit --max-gpu-memory %s",
+                     cfg.max_gpu_memory)
+    return StreamOptions(device=device, batch_size=cfg.batch_size,
+                         true_sequential=cfg.true_sequential, solver=cfg.solver,
+                         activations_on_host=on_host)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def calibration_ids(ckpt: Checkpoint, cfg: GPTQConfig) -> torch.Tensor:
+    from quantkit.data import calibration_samples
+
+    tokenizer = load_tokenizer(ckpt.path, trust_remote_code=cfg.trust_remote_code)
+    return calibration_samples(tokenizer, calib_file=cfg.calib, nsamples=cfg.nsamples,
+                               seqlen=cfg.seqlen, seed=cfg.seed)
+
+
+def load_source_model(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
+    """The BF16 model in host memory, in its stored dtype; layers go to the device one by one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt.path, dtype="auto", device_map=None, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> GPTQResult:
+    """Quantize `cfg.source` into `cfg.dest` atomically; the source is only read.
+
+    `input_ids` replaces the calibration text (tests, benchmarks); by default it comes from
+    `quantkit.data.calibration_samples`.
+    """
+    started = _dt.datetime.now(_dt.timezone.utc)
+    ckpt = open_checkpoint(cfg.source)
+    if ckpt.quantization_config:
+        method = ckpt.quantization_config.get("quant_method", "unknown")
+        raise ConfigError(f"{ckpt.path}: already quantized ({method}); quantize the BF16 "
+                          "checkpoint instead")
+    check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)
+    device = resolve_device(cfg.device)
+    check_destination(Path(cfg.dest), source=ckpt.path, force=cfg.force)
+    parse_size(cfg.max_shard_size)
+    if cfg.max_gpu_memory is not None:
+        parse_size(cfg.max_gpu_memory)
+    check_seqlen(ckpt, cfg.seqlen)
+    if input_ids is None:
+        input_ids = calibration_ids(ckpt, cfg)
+
+    timer = PhaseTimer(device)
+    with timer.phase("load"):
+        model = load_source_model(ckpt, cfg.trust_remote_code)
+    family = family_for(ckpt.config)
+    label = str(ckpt.path)
+    check_layers(model, family, cfg.spec, label)
+    check_tensor_names(model, ckpt, family)
+    check_finite(model, label)
+    return quantize_and_write(model, input_ids, ckpt, ckpt.iter_tensors(), cfg, device=device,
+                              family=family, timer=timer, started=started)
+
+
+def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkpoint,
+                       source_tensors: Iterable[tuple[str, torch.Tensor]], cfg: GPTQConfig,
+                       *, device: str, family: Family | None, timer: PhaseTimer,
+                       started: _dt.datetime | None = None) -> GPTQResult:
+    """The part the CLI and the speed benchmark share: quantize in place, then write."""
+    t0 = time.perf_counter()
+    label = str(source.path)
+    log.info("GPTQ %d-bit, group %d%s%s on %s: %d x %d calibration tokens", cfg.bits,
+             cfg.group_size, "" if cfg.sym else ", asym", ", act-order" if cfg.desc_act else "",
+             device, input_ids.shape[0], input_ids.shape[1])
+    options = stream_options(cfg, model, family, device, label)
+    layers = quantize_layers(model, input_ids, cfg.spec, family=family, options=options,
+                             timer=timer, label=label)
+    manifest = {
+        "settings": cfg.settings(),
+        "calibration": {"file": str(cfg.calib) if cfg.calib else "default",
+                        "nsamples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
+                        "batch_size": options.batch_size, "seed": cfg.seed},
+        "device": device,
+        "layers": {r.name: {"error": round(r.error, 6), "rtn_error": round(r.rtn_error, 6),
+                            "damp": r.damp} for r in layers.reports},
+        "mean_error": round(_mean(r.error for r in layers.reports), 6),
+        "mean_rtn_error": round(_mean(r.rtn_error for r in layers.reports), 6),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "phases": timer.rounded(),
+    }
+    with timer.phase("write"):
+        dest = write_artifact(Path(cfg.dest), source, source_tensors, layers=layers,
+                              spec=cfg.spec, true_sequential=cfg.true_sequential,
+                              manifest=manifest, force=cfg.force,
+                              max_shard_size=cfg.max_shard_size)
+    seconds = time.perf_counter() - t0
+    result = GPTQResult(dest, model, layers, manifest, seconds, folder_size(dest))
+    log_summary(result, timer)
+    return result
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def log_summary(result: GPTQResult, timer: PhaseTimer) -> None:
+    for index, error, rtn_error in result.layers.layer_errors():
+        log.info("layer %3d: output error %.5f (round-to-nearest %.5f)", index, error, rtn_error)
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items() if v >= 0.05)
+    log.info("GPTQ done in %.1f s (%s); mean output error %.5f vs %.5f for round-to-nearest",
+             result.seconds, phases, result.manifest["mean_error"],
+             result.manifest["mean_rtn_error"])
+    log.info("wrote %s (%.1f MB)", result.dest, result.output_bytes / 1e6)
