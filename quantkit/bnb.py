@@ -35,6 +35,7 @@ from quantkit.checkpoint import (
     write_json,
     write_manifest,
 )
+from quantkit.data import calibration_samples
 from quantkit.errors import ConfigError, QuantizationError, require
 from quantkit.families import family_for
 from quantkit.loading import check_remote_code, load_tokenizer, resolve_device
@@ -186,6 +187,8 @@ def quantize_model(ckpt: Checkpoint, cfg: BnbConfig, skip_modules: list[str], de
     """
     from transformers import AutoModelForCausalLM
 
+    if not cfg.four_bit:
+        quiet_int8_cast_logs()
     model = AutoModelForCausalLM.from_pretrained(
         ckpt.path, quantization_config=hf_quantization_config(cfg, skip_modules),
         dtype="auto", device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
@@ -193,23 +196,22 @@ def quantize_model(ckpt: Checkpoint, cfg: BnbConfig, skip_modules: list[str], de
     return model.eval()
 
 
-class _SuppressLog(logging.Filter):
-    """Drop one chatty log message for the duration of a `with` block."""
-
-    def __init__(self, logger_name: str, fragment: str):
-        super().__init__()
-        self.logger = logging.getLogger(logger_name)
-        self.fragment = fragment
+class _Int8CastLogFilter(logging.Filter):
+    """LLM.int8 logs "inputs will be cast ... to float16" on *every* matmul of a bf16 model."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
+        return "inputs will be cast" not in record.getMessage()
 
-    def __enter__(self):
-        self.logger.addFilter(self)
-        return self
 
-    def __exit__(self, *exc):
-        self.logger.removeFilter(self)
+_INT8_CAST_FILTER = _Int8CastLogFilter()
+
+
+def quiet_int8_cast_logs() -> None:
+    """Say it once here instead of thousands of times during a forward or an eval."""
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _INT8_CAST_FILTER not in bnb_logger.filters:
+        bnb_logger.addFilter(_INT8_CAST_FILTER)
+        log.info("int8: bitsandbytes casts bf16 activations to fp16 for the int8 matmul")
 
 
 @torch.no_grad()
@@ -220,20 +222,18 @@ def check_finite(model, input_ids: torch.Tensor, *, label: str) -> float:
     """
     device = next(p.device for p in model.parameters())
     losses = []
-    # LLM.int8 logs on every CPU matmul that bf16 inputs are cast to fp16.
-    with _SuppressLog("bitsandbytes.autograd._functions", "inputs will be cast"):
-        for row in tqdm(input_ids, desc="finite check", unit="seq", leave=False):
-            ids = row.unsqueeze(0).to(device)
-            logits = model(input_ids=ids).logits
-            if not torch.isfinite(logits).all():
-                first = first_nonfinite_module(model, ids)
-                raise QuantizationError(
-                    f"{label}: the quantized model gives NaN/Inf logits on calibration text "
-                    f"(first in {first or 'the embeddings'}), so nothing was written; try "
-                    "another --compute-dtype, or keep that module with --skip-modules"
-                )
-            loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-            losses.append(loss.item())
+    for row in tqdm(input_ids, desc="finite check", unit="seq", leave=False):
+        ids = row.unsqueeze(0).to(device)
+        logits = model(input_ids=ids).logits
+        if not torch.isfinite(logits).all():
+            first = first_nonfinite_module(model, ids)
+            raise QuantizationError(
+                f"{label}: the quantized model gives NaN/Inf logits on calibration text "
+                f"(first in {first or 'the embeddings'}), so nothing was written; try "
+                "another --compute-dtype, or keep that module with --skip-modules"
+            )
+        loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        losses.append(loss.item())
     return sum(losses) / len(losses)
 
 
@@ -263,12 +263,6 @@ def check_inputs(ckpt: Checkpoint, cfg: BnbConfig) -> torch.Tensor:
     limit = ckpt.config.get("max_position_embeddings") or ckpt.config.get("model_max_length")
     seqlen = min(cfg.check_seqlen, int(limit)) if limit else cfg.check_seqlen
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code=cfg.trust_remote_code)
-    try:
-        from quantkit.data import calibration_samples
-    except ModuleNotFoundError:  # TEMPORARY until quantkit/data.py lands
-        text = ("Quantization trades precision for memory. 滚滚长江东逝水，浪花淘尽英雄。" * 400)
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-        return ids[: cfg.check_samples * seqlen].reshape(cfg.check_samples, seqlen)
     return calibration_samples(tokenizer, nsamples=cfg.check_samples, seqlen=seqlen)
 
 
@@ -385,6 +379,8 @@ def load_bnb_model(ckpt: Checkpoint, *, device: str = "cpu", trust_remote_code: 
     require("bitsandbytes", "bnb")
     from transformers import AutoModelForCausalLM
 
+    if (ckpt.quantization_config or {}).get("load_in_8bit"):
+        quiet_int8_cast_logs()
     model = AutoModelForCausalLM.from_pretrained(
         ckpt.path, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code,
     )

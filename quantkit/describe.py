@@ -63,18 +63,27 @@ def describe_quantization(ckpt: Checkpoint) -> dict:
     return {"method": method}
 
 
+# Quantization side tensors (GPTQ zeros/scales/g_idx, bitsandbytes absmax/quant_map/SCB...)
+# hold no parameters of the original model.
+_SIDE_TENSOR_MARKERS = (".qzeros", ".scales", ".g_idx", ".absmax", ".quant_map", ".quant_state",
+                        ".nested_", ".SCB", ".weight_format")
+
+
 def _logical_parameter_count(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Parameters of the original model: packed GPTQ weights count as in*out, not int32 words."""
+    """Parameters of the original model, counting packed weights as the values they hold."""
     bits = (ckpt.quantization_config or {}).get("bits")
+    names = set(shapes)
     total = 0
     for name, shape in shapes.items():
-        if name.endswith(("qzeros", "scales", "g_idx")):
+        if any(marker in name for marker in _SIDE_TENSOR_MARKERS):
             continue
         count = 1
         for dim in shape:
             count *= dim
         if name.endswith(".qweight") and bits:
-            count = count * 32 // bits
+            count = count * 32 // bits  # int32 words of `bits`-wide values
+        elif any(n.startswith(f"{name}.quant_state.bitsandbytes__") for n in names):
+            count *= 2  # bitsandbytes 4-bit: two values per uint8
         total += count
     return total
 

@@ -39,6 +39,7 @@ class ModelRow:
     evals: dict[str, dict] = field(default_factory=dict)  # task -> result block
     eval_settings: dict[str, dict] = field(default_factory=dict)  # task -> settings used
     mem: dict | None = None  # the mem result's "results" block
+    weight_bytes: int | None = None
     label: str = ""
 
 
@@ -82,7 +83,8 @@ def collect_rows(results: Sequence[dict]) -> list[ModelRow]:
                 precision=model.get("precision") or precision_label(
                     model.get("quantization_config"), model.get("loaded_dtype")),
                 quantized=bool(model.get("quantization_config")),
-                quantization_config=model.get("quantization_config"))
+                quantization_config=model.get("quantization_config"),
+                weight_bytes=model.get("weight_bytes"))
         if result["kind"] == "mem":
             if row.mem is not None:
                 log.warning("%s: several mem results; using the last one", row.name)
@@ -269,10 +271,11 @@ def notes(rows: Sequence[ModelRow]) -> list[str]:
         out.append(line + ".")
     if any("ppl" in r.evals for r in rows):
         s = next(r.eval_settings["ppl"] for r in rows if "ppl" in r.evals)
-        out.append(f"PPL: perplexity on {s.get('text')}, windows of {s.get('seqlen')} tokens "
-                   f"every {s.get('stride')}, each token scored once.")
+        first = f" (first {s['max_tokens']} tokens of each text)" if s.get("max_tokens") else ""
+        out.append(f"PPL: perplexity on {s.get('text')}{first}, windows of {s.get('seqlen')} "
+                   f"tokens every {s.get('stride')}, each token scored once.")
         keys = {json.dumps([r.eval_settings["ppl"].get(k) for k in
-                            ("text_fingerprint", "seqlen", "stride")])
+                            ("text_fingerprint", "seqlen", "stride", "max_tokens")])
                 for r in rows if "ppl" in r.evals}
         if len(keys) > 1:
             out.append("**Perplexities were measured on different tokens or windows and do "
@@ -287,11 +290,15 @@ def notes(rows: Sequence[ModelRow]) -> list[str]:
 
 
 def models_list(rows: Sequence[ModelRow]) -> list[str]:
+    """Each row's folder, quantization in words, and weight bytes on disk."""
+    from quantkit.card import format_size, quantization_summary
+
     out = []
     for row in rows:
-        settings = ", ".join(f"{k}={v}" for k, v in (row.quantization_config or {}).items()
-                             if k not in ("meta",) and not isinstance(v, (dict, list)))
-        out.append(f"{row.label}: `{row.path}`" + (f" ({settings})" if settings else ""))
+        what = (quantization_summary({"quantization_config": row.quantization_config})[0]
+                if row.quantized else "unquantized")
+        size = f", {format_size(row.weight_bytes)} of weights" if row.weight_bytes else ""
+        out.append(f"{row.label}: `{row.path}` ({what}{size})")
     return out
 
 
@@ -370,11 +377,15 @@ def write_plot(rows: Sequence[ModelRow], dest: Path) -> None:
     ylabel, series = plot_series(rows)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    for name, points in series.items():
-        xs, ys, labels = zip(*points, strict=True)
-        ax.plot(xs, ys, "o", label=name)
+    labelled: set[str] = set()
+    for (name, points), marker in zip(series.items(), "os^D", strict=False):
+        xs, ys, _ = zip(*points, strict=True)
+        ax.plot(xs, ys, marker, label=name, alpha=0.8)
         for x, y, label in points:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if label not in labelled:  # one name per model, not one per benchmark
+                labelled.add(label)
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 6),
+                            fontsize=8)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel(_mem_column(rows).header.replace("GPU Mem", "GPU memory"))
     ax.set_ylabel(ylabel)

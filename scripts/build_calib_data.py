@@ -155,8 +155,8 @@ class _SphinxProse(HTMLParser):
             self._buffer = []
 
     def handle_endtag(self, tag: str) -> None:
-        if not self._main_depth or not self._stack:
-            return
+        if not self._main_depth or tag not in self._stack:
+            return  # outside the main body, or a stray end tag
         # Pop to the matching open tag (HTML lets some end tags go missing).
         while self._stack:
             open_tag = self._stack.pop()
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sources", type=Path, default=root / "build" / "calib-sources",
                         help="where the downloaded packages are kept (reused if present)")
-    parser.add_argument("--out", type=Path, default=root / "calib_data")
+    parser.add_argument("--out", type=Path, default=root / "calib_data",
+                        help="the calib_data folder to write")
     args = parser.parse_args(argv)
     sizes = build(args.sources.resolve(), args.out.resolve())
     for name, size in sizes.items():

@@ -11,7 +11,7 @@ repository (bf16, under 10 MB) on calib_data/train, deterministically on CPU:
    back with trust_remote_code, and scored on calib_data/heldout (non-overlapping windows);
 4. TRAINING.md recording the command, time, loss and held-out perplexities.
 
-    python scripts/train_tiny.py --steps 600 --threads 2 --out quantkit/assets/tiny-baichuan2
+    python scripts/train_tiny.py --steps 300 --threads 2 --out quantkit/assets/tiny-baichuan2
 
 Every Linear's in-features are a multiple of 128 and out-features a multiple of 32, so
 GPTQ with group size 128 and 2/3/4/8-bit packing apply to all of them.
@@ -59,7 +59,7 @@ class TrainConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     seqlen: int = 256
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -173,7 +173,8 @@ Command (from the repository root, {torch.get_num_threads()} CPU threads):
 - parameters: {n_params:,}; folder size on disk: {size / 1e6:.2f} MB (weights in bf16)
 - training: {cfg.steps} steps x {cfg.batch_size} x {cfg.seqlen} tokens
   ({cfg.steps * cfg.batch_size * cfg.seqlen:,} tokens, half zh / half en windows), float32,
-  AdamW, cosine schedule; {seconds / 60:.1f} min wall time (torch {torch.__version__})
+  AdamW, cosine schedule; {seconds / 60:.1f} min wall time for tokenizer and model
+  (torch {torch.__version__})
 - train tokens available: zh {train_tokens['zh']:,}, en {train_tokens['en']:,}
 - final train loss (mean of the last 50 steps): {train_loss:.3f}
 - tokenizer: byte-level BPE, vocab {cfg.vocab_size}, trained on the train split
@@ -196,7 +197,7 @@ Chance level is the vocabulary size ({cfg.vocab_size}).
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "quantkit/assets/tiny-baichuan2")
     parser.add_argument("--data", type=Path, default=REPO / "calib_data")

@@ -141,28 +141,26 @@ def reload_in_fresh_process(jobs: list[tuple[str, Path, bool]], work: Path) -> d
 
 
 @pytest.fixture(scope="session")
-def bnb_artifacts(tiny_model, tmp_path_factory):
-    """Factory: family -> {mode: artifact folder} plus the fresh-process logits of each."""
-    built: dict[str, dict] = {}
+def bnb_artifacts(tiny_model, tmp_path_factory) -> dict[str, dict]:
+    """family -> its source, {mode: artifact folder} and the fresh-process logits of each.
 
-    def make(family: str) -> dict:
-        if family not in built:
-            src = tiny_model(family)
-            work = tmp_path_factory.mktemp(f"bnb_{family.replace('-', '_')}")
-            trust = family in REMOTE
-            folders = {}
-            for mode in MODES:
-                folders[mode] = work / mode
-                args = [src, "--out", folders[mode], f"--{mode}"]
-                args += ["--trust-remote-code"] if trust else []
-                assert main(["bnb", *map(str, args)]) == 0
-            reloaded = reload_in_fresh_process(
-                [(mode, folder, trust) for mode, folder in folders.items()], work)
-            built[family] = {"source": src, "folders": folders, "reloaded": reloaded,
-                             "trust": trust}
-        return built[family]
-
-    return make
+    Every artifact is reloaded by one new process, so import time is paid once.
+    """
+    work = tmp_path_factory.mktemp("bnb")
+    built, jobs = {}, []
+    for family in FAMILIES:
+        src, trust = tiny_model(family), family in REMOTE
+        folders = {mode: work / family / mode for mode in MODES}
+        for mode, folder in folders.items():
+            args = [src, "--out", folder, f"--{mode}"] + (["--trust-remote-code"] if trust else [])
+            folder.parent.mkdir(exist_ok=True)
+            assert main(["bnb", *map(str, args)]) == 0
+            jobs.append((f"{family}/{mode}", folder, trust))
+        built[family] = {"source": src, "folders": folders, "trust": trust}
+    reloaded = reload_in_fresh_process(jobs, work)
+    for family, art in built.items():
+        art["reloaded"] = {mode: reloaded[f"{family}/{mode}"] for mode in MODES}
+    return built
 
 
 # ----------------------------------------------------------------------------- tests
@@ -171,7 +169,7 @@ def bnb_artifacts(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_reload_has_expected_error(family, mode, bnb_artifacts):
-    art = bnb_artifacts(family)
+    art = bnb_artifacts[family]
     reloaded = art["reloaded"][mode]
     assert reloaded["loaded_in_8bit" if mode == "int8" else "loaded_in_4bit"]
     torch.testing.assert_close(reloaded["quantkit"], reloaded["transformers"], rtol=0, atol=0)
@@ -194,7 +192,7 @@ def test_reload_has_expected_error(family, mode, bnb_artifacts):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_reload_is_bit_exact_with_in_memory_model(family, mode, bnb_artifacts):
-    art = bnb_artifacts(family)
+    art = bnb_artifacts[family]
     ckpt = open_checkpoint(art["source"])
     cfg = BnbConfig(source=ckpt.path, dest=Path("unused"), mode=mode,
                     trust_remote_code=art["trust"])
@@ -209,7 +207,7 @@ def _stored(folder: Path) -> dict[str, tuple[str, list[int]]]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_artifact_layout_and_sizes(family, bnb_artifacts):
-    art = bnb_artifacts(family)
+    art = bnb_artifacts[family]
     source = open_checkpoint(art["source"])
     linears = [n.removesuffix(".weight") for n in source.tensor_names()
                if n.endswith(("_proj.weight", ".W_pack.weight"))]
@@ -225,6 +223,9 @@ def test_artifact_layout_and_sizes(family, bnb_artifacts):
         stored = _stored(folder)
         head_shape = list(source.tensor_meta("lm_head.weight")[1])
         assert stored["lm_head.weight"] == ("BF16", head_shape)  # NormHead / head unquantized
+        # Saved before any forward: Baichuan2's NormHead has not normalized itself in place.
+        assert torch.equal(open_checkpoint(folder).get_tensor("lm_head.weight"),
+                           source.get_tensor("lm_head.weight"))
         for name in linears:
             dtype, shape = source.tensor_meta(f"{name}.weight")
             numel = shape[0] * shape[1]
@@ -294,8 +295,24 @@ def test_sharded_output_loads_like_one_file(bnb_artifacts, tiny_model, tmp_path,
 
     from quantkit import load
 
-    one_file = bnb_artifacts("llama")["reloaded"]["nf4"]["quantkit"]
+    one_file = bnb_artifacts["llama"]["reloaded"]["nf4"]["quantkit"]
     torch.testing.assert_close(_logits(load(out)), one_file, rtol=0, atol=0)
+
+
+def test_normhead_is_never_quantized_and_says_so(tiny_model, tmp_path, capsys):
+    """With nothing skipped, plain Linears (W_pack included) quantize; NormHead cannot."""
+    out = tmp_path / "all"
+    result = run_cli(capsys, "bnb", tiny_model("baichuan2-7b"), "--out", out, "--int8",
+                     "--skip-modules", "", "--trust-remote-code")
+    assert result.code == 0, result.err
+    assert "lm_head stays in full precision: it is not a plain nn.Linear" in result.err
+    assert json.loads((out / "config.json").read_text())["quantization_config"][
+        "llm_int8_skip_modules"] == []
+    summary = json.loads((out / MANIFEST_NAME).read_text())["bnb"]
+    assert summary["full_precision_modules"] == ["lm_head"]
+    stored = _stored(out)
+    assert stored["lm_head.weight"][0] == "BF16"
+    assert stored["model.layers.0.self_attn.W_pack.weight"][0] == "I8"
 
 
 # ----------------------------------------------------------------------------- failures
@@ -343,7 +360,7 @@ def test_bad_flags(flags, fragments, tiny_model, tmp_path, capsys):
 
 
 def test_already_quantized_source(bnb_artifacts, tmp_path, capsys):
-    nf4 = bnb_artifacts("llama")["folders"]["nf4"]
+    nf4 = bnb_artifacts["llama"]["folders"]["nf4"]
     result = run_cli(capsys, "bnb", nf4, "--out", tmp_path / "again", "--int8")
     assert_one_line_error(result, str(nf4), "already quantized (bitsandbytes)")
     assert leftovers(tmp_path, "again") == []
@@ -356,7 +373,7 @@ def test_remote_code_needs_the_flag(tiny_model, tmp_path, capsys):
 
 
 def test_bitsandbytes_missing(bnb_artifacts, tiny_model, tmp_path, capsys, monkeypatch):
-    nf4 = bnb_artifacts("llama")["folders"]["nf4"]
+    nf4 = bnb_artifacts["llama"]["folders"]["nf4"]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
     result = run_cli(capsys, "bnb", tiny_model("llama"), "--out", tmp_path / "o", "--nf4")
     assert_one_line_error(result, "bitsandbytes is not installed", "pip install 'quantkit[bnb]'")

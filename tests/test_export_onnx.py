@@ -20,9 +20,10 @@ import torch
 
 from quantkit.checkpoint import MANIFEST_NAME
 from quantkit.errors import ConfigError
+from quantkit.gptq.pack import PackedLinear
 from quantkit.loading import load_plain_model
 from quantkit.onnx_export.graph import NBitsLinear
-from quantkit.onnx_export.nbits import GptqTensors, NBitsWeight, gptq_to_nbits
+from quantkit.onnx_export.nbits import NBitsWeight, gptq_to_nbits
 from quantkit.onnx_export.validate import onnx_logits, onnx_session
 from tests.helpers import assert_one_line_error, leftovers, run_cli
 
@@ -53,7 +54,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def rtn_gptq(weight: torch.Tensor, bits: int = 4, group_size: int = 32, sym: bool = True,
-             act_order: bool = False, v2: bool = False) -> tuple[GptqTensors, torch.Tensor]:
+             act_order: bool = False, v2: bool = False) -> tuple[PackedLinear, torch.Tensor]:
     """Round-to-nearest into the GPTQ layout; returns the tensors and the dequantized weight."""
     n, k = weight.shape
     maxq = 2**bits - 1
@@ -77,9 +78,9 @@ def rtn_gptq(weight: torch.Tensor, bits: int = 4, group_size: int = 32, sym: boo
     codes = torch.clamp(torch.round(w / s) + z, 0, maxq)
     dequantized = ((codes - z) * s).T
     stored = (zeros if v2 else zeros - 1).to(torch.int64) & maxq  # v1: zero - 1, wrapped
-    tensors = GptqTensors(qweight=pack_int32(codes, bits, 0), qzeros=pack_int32(stored, bits, 1),
-                          scales=scales, g_idx=g_idx, bits=bits, zero_offset=0 if v2 else 1)
-    return tensors, dequantized
+    packed = PackedLinear(qweight=pack_int32(codes, bits, 0), qzeros=pack_int32(stored, bits, 1),
+                          scales=scales, g_idx=g_idx)
+    return packed, dequantized
 
 
 def ort_matmul_nbits(weight: NBitsWeight, x: np.ndarray) -> np.ndarray:
@@ -121,8 +122,8 @@ CASES = [  # bits, group size, sym, act-order, v2
 def test_matmulnbits_computes_the_gptq_weight(bits, group_size, sym, act_order, v2):
     torch.manual_seed(bits * 1000 + group_size)
     weight = torch.randn(96, 256) * 0.05
-    tensors, dequantized = rtn_gptq(weight, bits, group_size, sym, act_order, v2)
-    nbits = gptq_to_nbits(tensors, torch.float32)
+    packed, dequantized = rtn_gptq(weight, bits, group_size, sym, act_order, v2)
+    nbits = gptq_to_nbits(packed, bits, 0 if v2 else 1, torch.float32)
     assert (nbits.perm is not None) == (act_order and group_size != -1)
     assert (nbits.zero_points is None) == sym  # symmetric zeros are the operator's default
     assert nbits.b.shape == (96, 256 // nbits.block_size, nbits.block_size * bits // 8)
@@ -141,21 +142,20 @@ def test_matmulnbits_computes_the_gptq_weight(bits, group_size, sym, act_order, 
 def test_v1_zero_of_zero_reads_back_as_loaders_do():
     """v1 cannot store a zero of 0 (it stores -1, wrapped); loaders read 2**bits back."""
     weight = torch.rand(32, 64) + 0.1  # all positive: asymmetric zeros are 0
-    tensors, _ = rtn_gptq(weight, 4, 32, sym=False)
-    nbits = gptq_to_nbits(tensors, torch.float32)
+    packed, _ = rtn_gptq(weight, 4, 32, sym=False)
+    nbits = gptq_to_nbits(packed, 4, 1, torch.float32)
     assert nbits.zero_points.dtype == torch.float32 and bool((nbits.zero_points == 16).all())
-    codes = torch.clamp(torch.round(weight / tensors.scales.float().repeat_interleave(32, 0).T),
-                        0, 15)
-    loader_weight = (codes - 16) * tensors.scales.float().repeat_interleave(32, 0).T
+    scales = packed.scales.float().repeat_interleave(32, 0).T
+    loader_weight = (torch.clamp(torch.round(weight / scales), 0, 15) - 16) * scales
     x = torch.randn(3, 64)
     got = ort_matmul_nbits(nbits, x.numpy())
     np.testing.assert_allclose(got, (x @ loader_weight.T).numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_group_size_without_power_of_two_blocks_is_refused():
-    tensors, _ = rtn_gptq(torch.randn(32, 120), 4, 40)
+    packed, _ = rtn_gptq(torch.randn(32, 160), 4, 40)
     with pytest.raises(ConfigError, match="power of two"):
-        gptq_to_nbits(tensors, torch.float32)
+        gptq_to_nbits(packed, 4, 1, torch.float32)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -280,6 +280,45 @@ def test_gptq_export_runs_like_quantkit_load(rtn_export, float_export):
     size = (rtn_export / "onnx" / "model.onnx").stat().st_size
     float_size = (float_export / "model.onnx").stat().st_size
     assert size <= float_size / 3, (size, float_size)
+
+
+@pytest.fixture(scope="module")
+def baichuan_gptq(tiny_model, tmp_path_factory):
+    """`quantkit gptq` (4-bit, sym, group 32) of the Baichuan2-7B-style remote-code model."""
+    out = tmp_path_factory.mktemp("gptq") / "baichuan2-gptq"
+    assert _cli("gptq", tiny_model("baichuan2-7b"), "--out", out, "--bits", 4, "--group-size", 32,
+                "--nsamples", 8, "--seqlen", 64, "--device", "cpu", "--trust-remote-code") == 0
+    return out
+
+
+def test_real_gptq_artifact_exports_and_runs_like_quantkit_load(baichuan_gptq, tmp_path,
+                                                                capsys):
+    from quantkit.loading import load
+
+    out = tmp_path / "onnx"
+    result = run_cli(capsys, "export", "onnx", baichuan_gptq, out)
+    assert_one_line_error(result, "--trust-remote-code")
+    assert _cli("export", "onnx", baichuan_gptq, out, "--trust-remote-code") == 0
+    model = load(baichuan_gptq, trust_remote_code=True).float()
+    assert assert_runs_like(out, model, 512, 1e-4) < 1e-4
+    summary = json.loads((out / MANIFEST_NAME).read_text())["onnx_export"]
+    quantization = summary["quantization"]
+    assert quantization["matmulnbits_nodes"] == 5 * model.config.num_hidden_layers  # W_pack..
+    assert quantization["act_order_gathers"] == 0 and quantization["sym"] is True
+    assert summary["validation"]["passed"] and summary["validation"]["top1_agreement"] > 0.95
+    for name in ("modeling_baichuan.py", "tokenizer.json", "quantize_config.json"):
+        assert (out / name).is_file()
+
+
+def test_gptq_bits_matmulnbits_cannot_run_are_refused(baichuan_gptq, tmp_path, capsys):
+    source = tmp_path / "three-bit"
+    shutil.copytree(baichuan_gptq, source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"]["bits"] = 3
+    (source / "config.json").write_text(json.dumps(config))
+    result = run_cli(capsys, "export", "onnx", source, tmp_path / "out", "--trust-remote-code")
+    assert_one_line_error(result, "bits=3", "MatMulNBits", "--bits 4")
+    assert leftovers(tmp_path, "out") == []
 
 
 def test_fp16_export_runs_like_pytorch(tiny_model, tmp_path):

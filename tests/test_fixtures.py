@@ -4,6 +4,8 @@ Linear shapes that group-128 quantization and 2/3/4/8-bit packing accept."""
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import quantkit
+from quantkit.checkpoint import folder_size
+from quantkit.families import is_alibi_baichuan, is_baichuan2
 from quantkit.fixtures import FIXTURE_FAMILIES, NATIVE_FAMILIES, build_tiny_model
 
 
@@ -68,3 +73,43 @@ def test_unknown_family_is_refused(tmp_path):
     with pytest.raises(ValueError, match="baichuan2-13b"):
         build_tiny_model("gpt-j", tmp_path / "m")
     assert "baichuan2-7b" in FIXTURE_FAMILIES
+
+
+# --------------------------------------------------------------------------- demo model
+
+ASSET = Path(quantkit.__file__).parent / "assets" / "tiny-baichuan2"
+HELDOUT_ZH = Path(__file__).resolve().parents[1] / "calib_data" / "heldout" / "zh.txt"
+
+
+def test_tiny_trained_model_ships_small_in_bf16():
+    assert folder_size(ASSET) <= 10_000_000
+    config = json.loads((ASSET / "config.json").read_text())
+    assert is_baichuan2(ASSET, config) and not is_alibi_baichuan(config)
+    with safe_open(ASSET / "model.safetensors", "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+        # Stored as Baichuan2 ships it: NormHead rows not yet normalized.
+        head_norms = f.get_tensor("lm_head.weight").float().norm(dim=-1)
+    assert (head_norms - 1).abs().max() > 0.1
+    model = AutoModelForCausalLM.from_pretrained(ASSET, trust_remote_code=True, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
+    shapes.append(tuple(model.lm_head.weight.shape))
+    assert len(shapes) == 5 * model.config.num_hidden_layers + 1
+    for out_features, in_features in shapes:
+        assert in_features % 128 == 0 and out_features % 32 == 0, (out_features, in_features)
+
+
+def test_tiny_trained_model_learned_chinese():
+    tokenizer = AutoTokenizer.from_pretrained(ASSET)
+    text = HELDOUT_ZH.read_text(encoding="utf-8")[:3000]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert tokenizer.decode(ids) == text  # byte-level BPE: lossless
+    seqlen = 256
+    windows = ids[: len(ids) // seqlen * seqlen].view(-1, seqlen)
+    assert len(windows) >= 4
+    model = AutoModelForCausalLM.from_pretrained(ASSET, trust_remote_code=True, dtype="auto")
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    vocab = model.config.vocab_size
+    assert math.exp(nll.item()) < vocab / 10  # chance level is `vocab`

@@ -41,6 +41,8 @@ def format_summary(result: dict) -> list[str]:
 @click.option("--seqlen", type=int, help="Window length. [default: min(2048, model context)]")
 @click.option("--stride", type=int,
               help="Tokens between window starts; only new tokens are scored. [default: seqlen]")
+@click.option("--max-tokens", type=int, metavar="N",
+              help="Use only the first N tokens of each held-out text (quick runs).")
 @click.option("--shots", type=int, default=5, show_default=True,
               help="Solved dev examples per multiple-choice prompt.")
 @click.option("--limit", type=int, help="At most N questions per subject (quick runs).")
@@ -58,9 +60,10 @@ def format_summary(result: dict) -> list[str]:
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model's own Python code (Baichuan2, ...).")
 def command(model: Path, out: Path, base: Path | None, tasks: str | None, text: Path | None,
-            seqlen: int | None, stride: int | None, shots: int, limit: int | None,
-            data_dir: tuple[str, ...], batch_size: int, max_length: int | None, device: str,
-            dtype: str | None, trust_remote_code: bool) -> None:
+            seqlen: int | None, stride: int | None, max_tokens: int | None, shots: int,
+            limit: int | None, data_dir: tuple[str, ...], batch_size: int,
+            max_length: int | None, device: str, dtype: str | None,
+            trust_remote_code: bool) -> None:
     """Perplexity, KL divergence from --base, and C-Eval/CMMLU/MMLU accuracy of MODEL.
 
     MODEL is any folder quantkit loads: BF16, quantkit's GPTQ or bitsandbytes output, or
@@ -72,8 +75,9 @@ def command(model: Path, out: Path, base: Path | None, tasks: str | None, text: 
     if tasks is None:
         tasks = "ppl,kld,ceval,cmmlu,mmlu" if base else "ppl,ceval,cmmlu,mmlu"
     cfg = EvalConfig(model=model, out=out, tasks=tuple(tasks.split(",")), base=base, text=text,
-                     seqlen=seqlen, stride=stride, shots=shots, limit=limit, data_dirs=data_dir,
-                     batch_size=batch_size, max_length=max_length, device=device, dtype=dtype,
+                     seqlen=seqlen, stride=stride, max_tokens=max_tokens, shots=shots,
+                     limit=limit, data_dirs=data_dir, batch_size=batch_size,
+                     max_length=max_length, device=device, dtype=dtype,
                      trust_remote_code=trust_remote_code)
     result = run_eval(cfg)
     for line in format_summary(result):

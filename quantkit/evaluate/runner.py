@@ -56,6 +56,7 @@ class EvalConfig:
     text: Path | None = None  # None: the held-out split of calib_data
     seqlen: int | None = None  # None: min(2048, the model's context length)
     stride: int | None = None  # None: seqlen (non-overlapping windows)
+    max_tokens: int | None = None  # per held-out text, for quick runs
     shots: int = 5
     limit: int | None = None
     data_dirs: tuple[str, ...] = ()
@@ -82,7 +83,8 @@ def parse_tasks(value: str | tuple[str, ...] | list[str], *, has_base: bool) -> 
 def _check_config(cfg: EvalConfig) -> None:
     for flag, value, low in (("--shots", cfg.shots, 0), ("--limit", cfg.limit, 1),
                              ("--batch-size", cfg.batch_size, 1), ("--seqlen", cfg.seqlen, 2),
-                             ("--stride", cfg.stride, 1), ("--max-length", cfg.max_length, 2)):
+                             ("--stride", cfg.stride, 1), ("--max-length", cfg.max_length, 2),
+                             ("--max-tokens", cfg.max_tokens, 2)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be at least {low}")
     if cfg.text is not None and not Path(cfg.text).is_file():
@@ -170,17 +172,21 @@ def run_eval(cfg: EvalConfig) -> dict:
         if any(not torch.equal(base_texts[k], texts[k]) for k in texts):
             raise ConfigError(f"--base {cfg.base}: its tokenizer encodes the held-out text "
                               f"differently from {cfg.model}'s; pass the model's own base")
+    texts = {k: v[:cfg.max_tokens] for k, v in texts.items()}
 
     model = load(cfg.model, device=device, dtype=cfg.dtype,
                  trust_remote_code=cfg.trust_remote_code)
-    base = (load(cfg.base, device=device, dtype=cfg.dtype,
-                 trust_remote_code=cfg.trust_remote_code) if use_base else None)
+    base = None
+    if use_base:  # the base against itself (recipes measure every model): load it once
+        same = Path(cfg.base).resolve() == Path(cfg.model).resolve()
+        base = model if same else load(cfg.base, device=device, dtype=cfg.dtype,
+                                       trust_remote_code=cfg.trust_remote_code)
     results: dict = {}
     settings: dict = {"tasks": list(tasks), "device": device, "dtype": cfg.dtype,
                       "batch_size": cfg.batch_size}
     if text_tasks:
         seqlen, stride = window_settings(cfg, model)
-        settings.update(seqlen=seqlen, stride=stride,
+        settings.update(seqlen=seqlen, stride=stride, max_tokens=cfg.max_tokens,
                         text=str(Path(cfg.text).absolute()) if cfg.text else "calib_data/heldout",
                         text_tokens={k: int(v.numel()) for k, v in texts.items()},
                         text_fingerprint={k: fingerprint(v) for k, v in texts.items()})

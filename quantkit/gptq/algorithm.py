@@ -18,8 +18,10 @@ No files, flags or logging here.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -217,6 +219,32 @@ def _g_idx(spec: QuantSpec, columns: int, perm: torch.Tensor | None,
     return g_idx
 
 
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of small kernels. On CPU, OpenMP's fork/join per kernel
+    costs more than the work, and stalls for whole time slices when cores are shared (50x
+    slower on a busy 2-core machine; the Cholesky factorizations suffer the same), so the
+    solver runs on one thread. On CUDA nothing changes."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_thread_solver(fn):
+    """Run a solver single-threaded on CPU (see `_one_thread_on_cpu`)."""
+    @functools.wraps(fn)
+    def wrapper(weight, hessian, spec):
+        with _one_thread_on_cpu(hessian.device):
+            return fn(weight, hessian, spec)
+    return wrapper
+
+
 def check_spec(spec: QuantSpec, columns: int) -> None:
     if spec.bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {spec.bits}")
@@ -227,6 +255,7 @@ def check_spec(spec: QuantSpec, columns: int) -> None:
 # --------------------------------------------------------------------------- reference
 
 
+@_one_thread_solver
 def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> QuantResult:
     """GPTQ on one matrix, written the way the paper's Algorithm 1 reads.
 
@@ -286,77 +315,77 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec)
 # --------------------------------------------------------------------------- fast
 
 
+@_one_thread_solver
 def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
               spec: QuantSpec) -> list[QuantResult]:
     """GPTQ on every matrix that shares `hessian`, in one column loop over stacked rows.
 
-    Same result as `gptq_reference` on each matrix (up to float rounding). Besides the
-    shared loop it keeps per-column work to in-place kernels and builds group grids
-    for all rows at once.
+    Same result as `gptq_reference` on each matrix, up to float rounding. Besides running
+    the column loop once for q, k and v together, it works on the transposed weight, so
+    each column the loop touches -- and each rank-1 update -- is contiguous memory.
     """
     sizes = [w.shape[0] for w in weights]
     cols = weights[0].shape[1]
     check_spec(spec, cols)
     w, h = _prepare(torch.cat(list(weights)) if len(weights) > 1 else weights[0], hessian)
     grouped = spec.group_size != -1
-    if spec.static_groups and grouped:
-        static_scale, static_zero = _static_params(w, spec)
+    static = spec.static_groups and grouped
+    if static:
+        scales, zeros = _static_params(w, spec)
     perm = None
     if spec.desc_act:
         perm = act_order_permutation(h)
         w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = inverse_hessian_cholesky(h, spec.damp, spec.damp_retries)
-    diag = torch.diag(hinv).clone()
+    diag = torch.diag(hinv).tolist()
 
     rows = w.shape[0]
-    codes = torch.empty((rows, cols), dtype=torch.float32, device=w.device)
-    col_scale = torch.empty_like(codes)  # each column's grid, filled group by group
-    col_zero = torch.empty_like(codes)
+    wt = w.T.contiguous()  # [cols, rows]: column `c` of the weight is row `c` here
+    del w
+    codes_t = torch.empty_like(wt)
     if not grouped:
-        scale, zero = choose_qparams(w, spec.bits, spec.sym)
-        col_scale[:] = scale[:, None]
-        col_zero[:] = zero[:, None]
+        scale, zero = choose_qparams(wt.T, spec.bits, spec.sym)
         scales, zeros = scale[None], zero[None]
-    elif spec.static_groups:
-        group_of = (perm if perm is not None else torch.arange(cols, device=w.device))
-        group_of = group_of // spec.group_size
-        col_scale[:] = static_scale[group_of].T
-        col_zero[:] = static_zero[group_of].T
-        scales, zeros = static_scale, static_zero
-    else:
-        scales = torch.empty((cols // spec.group_size, rows), device=w.device)
+    elif not static:
+        scales = torch.empty((cols // spec.group_size, rows), device=wt.device)
         zeros = torch.empty_like(scales)
+    if static:
+        original = perm if perm is not None else torch.arange(cols, device=wt.device)
+        group_of = (original // spec.group_size).tolist()
 
     block = spec.block_for(cols)
-    err1 = torch.empty((rows, block), device=w.device)
+    err_buf = torch.empty((block, rows), device=wt.device)
+    dequantized = torch.empty(rows, device=wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2]  # a view: updates land in `w` directly
+        w1 = wt[i1:i2]  # a view: updates land in `wt` directly
         hinv1 = hinv[i1:i2, i1:i2]
+        err1 = err_buf[:i2 - i1]
         for i in range(i2 - i1):
             col = i1 + i
-            if grouped and not spec.static_groups and col % spec.group_size == 0:
+            if static:
+                scale, zero = scales[group_of[col]], zeros[group_of[col]]
+            elif grouped and col % spec.group_size == 0:
                 g = col // spec.group_size
-                scale, zero = choose_qparams(w1[:, i:i + spec.group_size], spec.bits, spec.sym)
+                scale, zero = choose_qparams(w1[i:i + spec.group_size].T, spec.bits, spec.sym)
                 scales[g], zeros[g] = scale, zero
-                col_scale[:, col:col + spec.group_size] = scale[:, None]
-                col_zero[:, col:col + spec.group_size] = zero[:, None]
-            q = quantize_codes(w1[:, i], col_scale[:, col], col_zero[:, col], spec.maxq)
-            codes[:, col] = q
-            err = err1[:, i]
-            torch.sub(w1[:, i], col_scale[:, col] * (q - col_zero[:, col]), out=err)
-            err.div_(diag[col])
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
-        w[:, i2:].addmm_(err1[:, :i2 - i1], hinv[i1:i2, i2:], alpha=-1)
+            q = codes_t[col]
+            torch.div(w1[i], scale, out=q)
+            q.round_().add_(zero).clamp_(0, spec.maxq)
+            torch.mul(torch.sub(q, zero, out=dequantized), scale, out=dequantized)
+            torch.sub(w1[i], dequantized, out=err1[i]).div_(diag[col])
+            w1[i:].addr_(hinv1[i, i:], err1[i], alpha=-1)
+        wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
 
+    codes = codes_t.T
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    g_idx = _g_idx(spec, cols, perm, w.device)
-    results, start = [], 0
     codes = codes.to(torch.uint8)
+    g_idx = _g_idx(spec, cols, perm, codes.device)
+    results, start = [], 0
     for size in sizes:
         part = slice(start, start + size)
-        results.append(QuantResult(codes[part], scales[:, part].contiguous(),
+        results.append(QuantResult(codes[part].contiguous(), scales[:, part].contiguous(),
                                    zeros[:, part].int().contiguous(), g_idx, damp))
         start += size
     return results

@@ -17,7 +17,7 @@ kernels need sym=True (4 or 8 bits); asymmetric artifacts run there on its plain
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -54,19 +54,23 @@ def quantization_config(spec: QuantSpec, *, true_sequential: bool) -> dict:
     }
 
 
-def artifact_tensors(source: Iterable[tuple[str, torch.Tensor]],
-                     layers: QuantizedLayers) -> Iterator[tuple[str, torch.Tensor]]:
+def artifact_tensors(source: Iterable[tuple[str, torch.Tensor]], layers: QuantizedLayers,
+                     rename: Callable[[str], str] = lambda key: key,
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """The source's tensors, with each quantized Linear's weight replaced by its packed
-    tensors; biases of quantized Linears become float16 as GPTQ loaders allocate them."""
+    tensors; biases of quantized Linears become float16 as GPTQ loaders allocate them.
+
+    Names stay the checkpoint's; `rename` maps them to the model's module names.
+    """
     written = set()
     for name, tensor in source:
-        module, _, leaf = name.rpartition(".")
+        module, _, leaf = rename(name).rpartition(".")
         packed = layers.packed.get(module)
         if packed is None:
             yield name, tensor
         elif leaf == "weight":
             written.add(module)
-            yield from packed.named_tensors(module)
+            yield from packed.named_tensors(name.rpartition(".")[0])
         elif leaf == "bias":
             yield name, tensor.to(torch.float16)
         else:
@@ -80,12 +84,13 @@ def artifact_tensors(source: Iterable[tuple[str, torch.Tensor]],
 
 def write_artifact(dest: Path, source: Checkpoint, source_tensors: Iterable, *,
                    layers: QuantizedLayers, spec: QuantSpec, true_sequential: bool,
-                   manifest: dict, force: bool, max_shard_size: str) -> Path:
+                   manifest: dict, force: bool, max_shard_size: str,
+                   rename: Callable[[str], str] = lambda key: key) -> Path:
     """Write the folder atomically through `checkpoint.write_checkpoint`."""
     qconfig = quantization_config(spec, true_sequential=true_sequential)
     config = dict(source.config, quantization_config=qconfig)
     return write_checkpoint(
-        dest, artifact_tensors(source_tensors, layers), source=source, config=config,
+        dest, artifact_tensors(source_tensors, layers, rename), source=source, config=config,
         extra_files={QUANTIZE_CONFIG: qconfig}, manifest_extra={MANIFEST_KEY: manifest},
         force=force, max_shard_size=max_shard_size,
     )

@@ -10,8 +10,8 @@ The layout every GPTQ loader reads (auto-gptq, gptqmodel, vLLM, exllamav2):
 Codes form one little-endian bit stream per column: code k sits at bits `k*bits` onwards,
 lowest bits first. For 2, 4 and 8 bits that is plain shift-and-or within each word; for
 3 bits, 32 codes fill three words and codes 10 and 21 straddle a word boundary, exactly
-as auto-gptq's packer lays them out. Both directions loop over the 32 positions of a chunk,
-never over rows, so packing a 7B model takes seconds.
+as auto-gptq's packer lays them out. Both directions loop over the positions of one chunk
+(at most 32), never over rows, so packing a 7B model takes seconds.
 """
 
 from __future__ import annotations
@@ -32,27 +32,35 @@ def zero_offset(checkpoint_format: str) -> int:
     return 1 if checkpoint_format == "gptq" else 0
 
 
+def chunk_shape(bits: int) -> tuple[int, int]:
+    """(codes, int32 words) of the smallest whole unit: 32 codes in 3 words for 3 bits."""
+    return (32, 3) if 32 % bits else (32 // bits, 1)
+
+
 def _positions(bits: int):
-    """For each code of a 32-code chunk: (word, shift, bits spilling into the next word)."""
-    for k in range(32):
-        offset = k * bits
-        word, shift = divmod(offset, 32)
+    """For each code of a chunk: (index, word, shift, bits spilling into the next word)."""
+    for k in range(chunk_shape(bits)[0]):
+        word, shift = divmod(k * bits, 32)
         yield k, word, shift, max(0, shift + bits - 32)
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes `[n, cols]` (n a multiple of 32) along dim 0 into int32."""
+    """Pack unsigned codes `[n, cols]` along dim 0 into int32 `[n * bits / 32, cols]`."""
     n, cols = values.shape
-    if n % 32:
-        raise ValueError(f"cannot pack {n} rows: not a multiple of 32")
-    v = values.to(torch.int64).reshape(n // 32, 32, cols)
-    words = torch.zeros((n // 32, bits, cols), dtype=torch.int64, device=values.device)
+    per_chunk, words_per_chunk = chunk_shape(bits)
+    if n % per_chunk:
+        raise ValueError(f"cannot pack {n} rows of {bits}-bit codes: not a multiple of "
+                         f"{per_chunk}")
+    chunks = n // per_chunk
+    v = values.to(torch.int64).reshape(chunks, per_chunk, cols)
+    words = torch.zeros((chunks, words_per_chunk, cols), dtype=torch.int64,
+                        device=values.device)
     for k, word, shift, spill in _positions(bits):
         words[:, word] |= (v[:, k] << shift) & 0xFFFFFFFF
         if spill:
             words[:, word + 1] |= v[:, k] >> (bits - spill)
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement int32
-    return words.reshape(n // 32 * bits, cols).to(torch.int32)
+    return words.reshape(chunks * words_per_chunk, cols).to(torch.int32)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,12 +71,14 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
         codes = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
         return codes.reshape(rows * (32 // bits), cols)
-    if rows % bits:
+    per_chunk, words_per_chunk = chunk_shape(bits)
+    if rows % words_per_chunk:
         raise ValueError(f"{rows} packed rows is not a whole number of {bits}-bit chunks")
-    words = packed.reshape(rows // bits, bits, cols)
-    codes = torch.empty((rows // bits, 32, cols), dtype=torch.int32, device=packed.device)
+    words = packed.reshape(rows // words_per_chunk, words_per_chunk, cols)
+    codes = torch.empty((rows // words_per_chunk, per_chunk, cols), dtype=torch.int32,
+                        device=packed.device)
     for k, word, shift, spill in _positions(bits):
-        # Arithmetic right shifts smear the sign bit; the mask keeps only this code's bits.
+        # Arithmetic right shifts smear the sign bit; the masks keep only this code's bits.
         if spill:
             low_bits = bits - spill
             code = (words[:, word] >> shift) & ((1 << low_bits) - 1)
@@ -76,7 +86,7 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
         else:
             code = (words[:, word] >> shift) & mask
         codes[:, k] = code
-    return codes.reshape(rows // bits * 32, cols)
+    return codes.reshape(rows // words_per_chunk * per_chunk, cols)
 
 
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -113,10 +123,11 @@ class PackedLinear:
 
 def check_packable(out_features: int, in_features: int, bits: int) -> str | None:
     """Why a `[out, in]` matrix cannot be stored at `bits`, or None when it can."""
-    if in_features % 32:
-        return f"its input size {in_features} is not a multiple of 32"
-    if (out_features * bits) % 32 or (bits == 3 and out_features % 32):
-        return f"its output size {out_features} does not pack into whole {bits}-bit words"
+    per_chunk = chunk_shape(bits)[0]
+    for what, size in (("input", in_features), ("output", out_features)):
+        if size % per_chunk:
+            return (f"its {what} size {size} does not pack into whole int32 words "
+                    f"(needs a multiple of {per_chunk})")
     return None
 
 
@@ -142,11 +153,10 @@ def add_one_per_field(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     where no field was 0 it is the same as adding 1 to each field.
     """
     rows, cols = qzeros.shape
-    words_per_chunk = bits if 32 % bits else 1
+    words_per_chunk = chunk_shape(bits)[1]
     ones = torch.zeros(words_per_chunk, dtype=torch.int64)
     for _, word, shift, _ in _positions(bits):
-        if word < words_per_chunk:
-            ones[word] |= 1 << shift
+        ones[word] |= 1 << shift
     words = (qzeros.to(torch.int64) & 0xFFFFFFFF).reshape(rows, -1, words_per_chunk)
     ones = ones.to(qzeros.device)
     carry = torch.zeros_like(words[..., 0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 from quantkit.checkpoint import Checkpoint
 from quantkit.errors import CheckpointError
 from quantkit.gptq.algorithm import SUPPORTED_BITS
+from quantkit.gptq.naming import key_renamer
 from quantkit.gptq.pack import FORMATS, PackedLinear, unpack_rows, unpack_weight, unpack_zeros
 
 log = logging.getLogger(__name__)
@@ -183,10 +185,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantized_module_names(ckpt: Checkpoint) -> list[str]:
-    return sorted(n[: -len(".qweight")] for n in ckpt.tensor_names() if n.endswith(".qweight"))
-
-
 def load_gptq_model(ckpt: Checkpoint, *, device: str = "cpu", trust_remote_code: bool = False,
                     dtype: torch.dtype | str | None = None,
                     int4_kernel: bool | None = None) -> nn.Module:
@@ -205,7 +203,9 @@ def load_gptq_model(ckpt: Checkpoint, *, device: str = "cpu", trust_remote_code:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                  dtype=dtype)
-    names = quantized_module_names(ckpt)
+    rename = key_renamer(model)
+    names = sorted(rename(name).rpartition(".")[0] for name in ckpt.tensor_names()
+                   if name.endswith(".qweight"))
     if not names:
         raise CheckpointError(f"{ckpt.path}: quant_method is gptq but no tensor ends in "
                               ".qweight; the checkpoint is incomplete")
@@ -216,9 +216,9 @@ def load_gptq_model(ckpt: Checkpoint, *, device: str = "cpu", trust_remote_code:
                                   f"{type(model).__name__}")
         _set_module(model, name, QuantLinear(
             linear.in_features, linear.out_features, bits=settings["bits"],
-            group_size=settings["group_size"], bias=f"{name}.bias" in ckpt.weight_map,
+            group_size=settings["group_size"], bias=linear.bias is not None,
             zero_offset=settings["zero_offset"], dtype=dtype, device="meta"))
-    _assign_tensors(model, ckpt, set(names), dtype)
+    _assign_tensors(model, ckpt, set(names), dtype, rename)
     model.to(device)
     if int4_kernel or (int4_kernel is None and device.startswith("cuda")):
         used = sum(m.enable_int4_kernel() for m in model.modules() if isinstance(m, QuantLinear))
@@ -235,12 +235,13 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def _assign_tensors(model: nn.Module, ckpt: Checkpoint, quantized: set[str],
-                    dtype: torch.dtype) -> None:
+                    dtype: torch.dtype, rename: Callable[[str], str]) -> None:
     """Load every stored tensor into the skeleton, shard by shard; check nothing is left."""
     expected = model.state_dict(keep_vars=True)
     for _, tensors in ckpt.iter_shards():
         state = {}
-        for name, tensor in tensors.items():
+        for stored_name, tensor in tensors.items():
+            name = rename(stored_name)
             if name not in expected:
                 log.debug("ignoring checkpoint tensor %s: no such parameter", name)
                 continue

@@ -35,6 +35,7 @@ from quantkit.gptq.calibrate import (
     find_decoder_layers,
     quantize_layers,
 )
+from quantkit.gptq.naming import key_renamer
 from quantkit.gptq.pack import check_packable
 from quantkit.gptq.timing import PhaseTimer
 from quantkit.loading import check_remote_code, load_tokenizer, resolve_device
@@ -158,10 +159,12 @@ def check_finite(model: nn.Module, label: str) -> None:
 def check_tensor_names(model: nn.Module, ckpt: Checkpoint, family: Family | None) -> None:
     """Each Linear we will quantize must be a tensor of the checkpoint, by the same name."""
     layers_path, layers = find_decoder_layers(model, family, str(ckpt.path))
+    rename = key_renamer(model)
+    stored = {rename(name) for name in ckpt.weight_map}
     for index, layer in enumerate(layers):
         for name, module in layer.named_modules():
             tensor = f"{layers_path}.{index}.{name}.weight"
-            if isinstance(module, nn.Linear) and tensor not in ckpt.weight_map:
+            if isinstance(module, nn.Linear) and tensor not in stored:
                 raise QuantizationError(
                     f"{ckpt.path}: the model's module {tensor} has no tensor of that name "
                     "in the checkpoint; quantkit cannot map it")
@@ -287,7 +290,7 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
         dest = write_artifact(Path(cfg.dest), source, source_tensors, layers=layers,
                               spec=cfg.spec, true_sequential=cfg.true_sequential,
                               manifest=manifest, force=cfg.force,
-                              max_shard_size=cfg.max_shard_size)
+                              max_shard_size=cfg.max_shard_size, rename=key_renamer(model))
     seconds = time.perf_counter() - t0
     result = GPTQResult(dest, model, layers, manifest, seconds, folder_size(dest))
     log_summary(result, timer)

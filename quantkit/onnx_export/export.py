@@ -31,10 +31,12 @@ from quantkit.checkpoint import (
     open_checkpoint,
     write_manifest,
 )
+from quantkit.data import calibration_samples
 from quantkit.errors import CheckpointError, ConfigError, QuantizationError, require
+from quantkit.gptq.qlinear import QuantLinear, gptq_settings
 from quantkit.loading import check_remote_code, load, load_tokenizer
 from quantkit.onnx_export.graph import NBitsLinear, export_graph, replace_module
-from quantkit.onnx_export.nbits import SUPPORTED_BITS, GptqTensors, gptq_to_nbits
+from quantkit.onnx_export.nbits import SUPPORTED_BITS, gptq_to_nbits
 from quantkit.onnx_export.validate import Validation, compare, onnx_logits, onnx_session
 
 log = logging.getLogger(__name__)
@@ -88,37 +90,27 @@ def require_onnx_stack(opset: int) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def gptq_settings(ckpt: Checkpoint) -> dict | None:
-    """The GPTQ quantization_config, checked for what MatMulNBits can carry; None if float."""
-    qcfg = ckpt.quantization_config
-    method = (qcfg or {}).get("quant_method")
+def export_settings(ckpt: Checkpoint) -> dict | None:
+    """The GPTQ settings, checked for what MatMulNBits can carry; None for a float model."""
+    qcfg = ckpt.quantization_config or {}
+    method = qcfg.get("quant_method")
     if method is None:
         return None
     if method != "gptq":
         raise ConfigError(f"{ckpt.path}: quant_method {method!r} cannot be exported to ONNX; "
                           "export the BF16 checkpoint or a quantkit GPTQ artifact")
-    bits = qcfg.get("bits")
-    if bits not in SUPPORTED_BITS:
+    settings = gptq_settings(ckpt)
+    if settings["bits"] not in SUPPORTED_BITS:
         raise ConfigError(
-            f"{ckpt.path}: GPTQ bits={bits}, but ONNX Runtime's MatMulNBits runs "
+            f"{ckpt.path}: GPTQ bits={settings['bits']}, but ONNX Runtime's MatMulNBits runs "
             f"{'/'.join(map(str, SUPPORTED_BITS))}-bit weights; quantize with --bits 4")
-    fmt = qcfg.get("checkpoint_format", "gptq")
-    if fmt not in ("gptq", "gptq_v2"):
-        raise ConfigError(f"{ckpt.path}: checkpoint_format {fmt!r} is not a GPTQ layout "
-                          "quantkit reads (gptq or gptq_v2)")
-    return qcfg
+    return {**settings, "desc_act": qcfg.get("desc_act"), "sym": qcfg.get("sym")}
 
 
 def validation_inputs(ckpt: Checkpoint, tokenizer, cfg: OnnxExportConfig) -> torch.Tensor:
     """A few calibration sequences, no longer than the model's context."""
     limit = ckpt.config.get("max_position_embeddings") or ckpt.config.get("model_max_length")
     seqlen = min(cfg.check_seqlen, int(limit)) if limit else cfg.check_seqlen
-    try:
-        from quantkit.data import calibration_samples
-    except ModuleNotFoundError:  # TEMPORARY until quantkit/data.py lands
-        text = "Quantization trades precision for memory. 滚滚长江东逝水，浪花淘尽英雄。" * 200
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-        return ids[: cfg.check_samples * seqlen].reshape(cfg.check_samples, seqlen)
     return calibration_samples(tokenizer, nsamples=cfg.check_samples, seqlen=seqlen)
 
 
@@ -129,25 +121,6 @@ def _tokenizer(ckpt: Checkpoint, trust_remote_code: bool):
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{ckpt.path}: cannot load its tokenizer ({first_line}); the "
                               "export needs it to validate and to ship beside model.onnx") from exc
-
-
-def read_gptq_tensors(ckpt: Checkpoint, qcfg: dict) -> dict[str, GptqTensors]:
-    """Each quantized Linear's packed tensors as stored on disk, by module name."""
-    zero_offset = 0 if qcfg.get("checkpoint_format") == "gptq_v2" else 1
-    out = {}
-    for tensor_name in ckpt.tensor_names():
-        if not tensor_name.endswith(".qweight"):
-            continue
-        name = tensor_name.removesuffix(".qweight")
-        out[name] = GptqTensors(
-            qweight=ckpt.get_tensor(f"{name}.qweight"), qzeros=ckpt.get_tensor(f"{name}.qzeros"),
-            scales=ckpt.get_tensor(f"{name}.scales"), g_idx=ckpt.get_tensor(f"{name}.g_idx"),
-            bits=int(qcfg["bits"]), zero_offset=zero_offset,
-        )
-    if not out:
-        raise CheckpointError(f"{ckpt.path}: quant_method is gptq but no tensor ends in "
-                              ".qweight; the artifact is incomplete")
-    return out
 
 
 # ----------------------------------------------------------------------------- model
@@ -162,26 +135,20 @@ def check_fp16_range(model: nn.Module) -> None:
                               "export with --dtype fp32")
 
 
-def to_nbits_model(model: nn.Module, ckpt: Checkpoint, packed: dict[str, GptqTensors],
-                   dtype: torch.dtype, accuracy_level: int) -> dict:
-    """Swap each quantized Linear for an NBitsLinear built from the artifact's tensors."""
+def to_nbits_model(model: nn.Module, dtype: torch.dtype, accuracy_level: int) -> dict:
+    """Swap each GPTQ QuantLinear for an NBitsLinear built from its own packed tensors."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     blocks, permuted = set(), 0
-    for name, tensors in tqdm(packed.items(), desc="MatMulNBits", unit="linear", leave=False):
+    for name, layer in tqdm(layers.items(), desc="MatMulNBits", unit="linear", leave=False):
         try:
-            model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"{ckpt.path}: {name}.qweight names no module of the "
-                                  "model; the artifact does not match its config") from exc
-        try:
-            weight = gptq_to_nbits(tensors, dtype)
+            weight = gptq_to_nbits(layer.packed(), layer.bits, layer.zero_offset, dtype)
         except ConfigError as exc:
-            raise ConfigError(f"{ckpt.path}: {name}: {exc}") from exc
-        bias_name = f"{name}.bias"
-        bias = ckpt.get_tensor(bias_name).to(dtype) if bias_name in ckpt.weight_map else None
+            raise ConfigError(f"{name}: {exc}") from exc
+        bias = None if layer.bias is None else layer.bias.to(dtype)
         replace_module(model, name, NBitsLinear(weight, bias, accuracy_level))
         blocks.add(weight.block_size)
         permuted += weight.perm is not None
-    return {"matmulnbits_nodes": len(packed), "block_sizes": sorted(blocks),
+    return {"matmulnbits_nodes": len(layers), "block_sizes": sorted(blocks),
             "act_order_gathers": permuted, "accuracy_level": accuracy_level}
 
 
@@ -197,7 +164,15 @@ def reference_logits(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
 def validate_export(path: Path, input_ids: torch.Tensor, reference: np.ndarray,
                     dtype: str) -> Validation:
     """Run the saved graph in ONNX Runtime; raise if its logits are off (nothing is kept)."""
-    got = onnx_logits(onnx_session(path), input_ids)
+    try:
+        session = onnx_session(path)
+    except Exception as exc:  # onnxruntime's pybind error types (Fail, InvalidGraph, ...)
+        import onnxruntime
+
+        first_line = str(exc).strip().splitlines()[0][:300]
+        raise QuantizationError(f"ONNX Runtime {onnxruntime.__version__} cannot load the "
+                                f"exported graph ({first_line}); nothing was written") from exc
+    got = onnx_logits(session, input_ids)
     result = compare(reference, got, dtype)
     log.info("validation: %d x %d tokens, max |logit diff| %.3g (tolerance %.3g), "
              "top-1 agreement %.1f%%", result.sequences, result.seqlen, result.max_abs_diff,
@@ -217,33 +192,36 @@ def export_onnx(cfg: OnnxExportConfig) -> OnnxExportResult:
     started = _dt.datetime.now(_dt.timezone.utc)
     ckpt = open_checkpoint(cfg.source)
     check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)
-    qcfg = gptq_settings(ckpt)
+    settings = export_settings(ckpt)
     check_destination(Path(cfg.dest), source=ckpt.path, force=cfg.force)
     dtype = DTYPES[cfg.dtype]
     input_ids = validation_inputs(ckpt, _tokenizer(ckpt, cfg.trust_remote_code), cfg)
-    packed = read_gptq_tensors(ckpt, qcfg) if qcfg else {}
 
     log.info("loading %s", ckpt.path)
     model = load(ckpt.path, dtype="fp32", trust_remote_code=cfg.trust_remote_code).float()
     if cfg.dtype == "fp16":
         check_fp16_range(model)
-    reference = reference_logits(model, input_ids)
-    quantized = to_nbits_model(model, ckpt, packed, dtype, cfg.accuracy_level) if qcfg else None
+    reference = reference_logits(model, input_ids)  # also runs Baichuan2's one-off NormHead
+    quantized = to_nbits_model(model, dtype, cfg.accuracy_level) if settings else None
     model.to(dtype)
 
     with atomic_output(cfg.dest, source=ckpt.path, force=cfg.force) as tmp:
         log.info("exporting to ONNX (opset %d, %s)", cfg.opset, cfg.dtype)
-        export_graph(model, input_ids[:, :16], tmp / MODEL_FILE, cfg.opset)
+        written = export_graph(model, input_ids[:, :16], tmp / MODEL_FILE, cfg.opset)
         del model
+        if written != cfg.opset:
+            raise ConfigError(f"--opset {cfg.opset}: torch's exporter could not convert this "
+                              f"model's graph to it (it stayed at {written}); choose a lower "
+                              f"opset ({DEFAULT_OPSET} always works)")
         validation = validate_export(tmp / MODEL_FILE, input_ids, reference, cfg.dtype)
         copy_non_weight_files(ckpt, tmp)
-        summary = export_summary(cfg, qcfg, quantized, validation, tmp)
+        summary = export_summary(cfg, settings, quantized, validation, tmp)
         write_manifest(tmp, source=ckpt, extra={MANIFEST_KEY: summary}, started=started)
     log.info("wrote %s (%.2f MB of ONNX)", cfg.dest, summary["onnx_bytes"] / 1e6)
     return OnnxExportResult(Path(cfg.dest), summary)
 
 
-def export_summary(cfg: OnnxExportConfig, qcfg: dict | None, quantized: dict | None,
+def export_summary(cfg: OnnxExportConfig, settings: dict | None, quantized: dict | None,
                    validation: Validation, folder: Path) -> dict:
     """What quantkit.json records: settings, versions, graph interface, validation."""
     import onnx
@@ -259,11 +237,11 @@ def export_summary(cfg: OnnxExportConfig, qcfg: dict | None, quantized: dict | N
         "onnx_bytes": sum(p.stat().st_size for p in onnx_files),
         "quantization": None, "validation": validation.as_dict(),
     }
-    if qcfg:
+    if settings:
         summary["quantization"] = {
             "method": "gptq", "operator": "com.microsoft::MatMulNBits",
-            **{key: qcfg.get(key) for key in ("bits", "group_size", "desc_act", "sym",
-                                              "checkpoint_format")},
+            **{key: settings[key] for key in ("bits", "group_size", "desc_act", "sym",
+                                              "format")},
             **quantized,
         }
     return summary

@@ -131,8 +131,12 @@ def _matmul_nbits_onnx(a, b, scales, zero_points, k: int, n: int, bits: int, blo
               accuracy_level=accuracy_level)
 
 
-def export_graph(model: nn.Module, example_ids: torch.Tensor, path: Path, opset: int) -> None:
-    """Write `model` as `path` (.onnx, with a .onnx.data file beside it past 2 GB)."""
+def export_graph(model: nn.Module, example_ids: torch.Tensor, path: Path, opset: int) -> int:
+    """Write `model` as `path` (.onnx, with a .onnx.data file beside it past 1.5 GB).
+
+    Returns the opset actually written: when converting to the requested one fails, the
+    exporter keeps its own (18) without raising.
+    """
     _register_matmul_nbits_schema()
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dims = {0: batch, 1: sequence}
@@ -155,6 +159,7 @@ def export_graph(model: nn.Module, example_ids: torch.Tensor, path: Path, opset:
         # paths inside the artifact and add ~40% to a small model's file.
         node.metadata_props.clear()
     program.save(path)
+    return program.model.opset_imports.get("", program.model.opset_imports.get("ai.onnx", 0))
 
 
 @contextlib.contextmanager

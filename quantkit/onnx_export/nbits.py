@@ -24,21 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import ConfigError
+from quantkit.gptq.pack import PackedLinear, unpack_cols, unpack_rows
 
 SUPPORTED_BITS = (2, 4, 8)  # what MatMulNBits packs byte-aligned and ORT's CPU kernel runs
 MIN_BLOCK, MAX_BLOCK = 16, 128
-
-
-@dataclass(frozen=True)
-class GptqTensors:
-    """One quantized Linear in the GPTQ checkpoint layout (see docs in ANCHORS.md)."""
-
-    qweight: torch.Tensor  # int32 [in * bits / 32, out], packed along `in`, low bits first
-    qzeros: torch.Tensor  # int32 [groups, out * bits / 32], packed along `out`
-    scales: torch.Tensor  # float16 [groups, out]
-    g_idx: torch.Tensor  # int32 [in]: the group of each input row
-    bits: int
-    zero_offset: int = 1  # v1 ("gptq") stores zero - 1; "gptq_v2" stores the zero itself
 
 
 @dataclass(frozen=True)
@@ -53,16 +42,6 @@ class NBitsWeight:
     n: int
     bits: int
     block_size: int
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Codes packed 32 // bits to an int32, lowest bits first, expanded along `dim` (0 or 1)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, cols, per_word]
-    if dim == 0:
-        codes = codes.permute(0, 2, 1)
-        return codes.reshape(-1, packed.shape[1]).to(torch.int16)
-    return codes.reshape(packed.shape[0], -1).to(torch.int16)
 
 
 def pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -112,28 +91,33 @@ def block_layout(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, int, torch.T
     return perm, block, block_groups
 
 
-def gptq_to_nbits(t: GptqTensors, dtype: torch.dtype) -> NBitsWeight:
-    """Rearrange one GPTQ Linear into MatMulNBits inputs; `dtype` is the activation dtype."""
-    if t.bits not in SUPPORTED_BITS:
-        raise ConfigError(f"GPTQ bits={t.bits}: MatMulNBits runs "
+def gptq_to_nbits(packed: PackedLinear, bits: int, zero_offset: int,
+                  dtype: torch.dtype) -> NBitsWeight:
+    """Rearrange one GPTQ Linear into MatMulNBits inputs; `dtype` is the activation dtype.
+
+    `zero_offset` is what loaders add to a stored zero: 1 for v1 ("gptq"), 0 for "gptq_v2".
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"GPTQ bits={bits}: MatMulNBits runs "
                           f"{'/'.join(map(str, SUPPORTED_BITS))}-bit weights")
-    k, n = t.g_idx.numel(), t.scales.shape[1]
-    groups = t.scales.shape[0]
-    if int(t.g_idx.min()) < 0 or int(t.g_idx.max()) >= groups:
+    g_idx, scales = packed.g_idx, packed.scales
+    k, (groups, n) = g_idx.numel(), scales.shape
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
         raise ConfigError(f"g_idx names groups outside 0..{groups - 1}; the checkpoint is "
                           "damaged")
-    codes = unpack_int32(t.qweight, t.bits, dim=0)[:k]  # [K, N]
-    zeros = unpack_int32(t.qzeros, t.bits, dim=1)[:, :n] + t.zero_offset  # [G, N]
-    perm, block, block_groups = block_layout(t.g_idx)
+    codes = unpack_rows(packed.qweight, bits)[:k]  # [K, N]
+    zeros = unpack_cols(packed.qzeros, bits)[:, :n] + zero_offset  # [G, N]
+    perm, block, block_groups = block_layout(g_idx)
     if perm is not None:
         codes = codes[perm]
     k_blocks = block_groups.numel()
     codes = torch.nn.functional.pad(codes.T, (0, k_blocks * block - k))  # [N, k_blocks*block]
-    b = pack_bytes(codes.reshape(n, k_blocks, block), t.bits)
-    scales = t.scales[block_groups].T.contiguous().to(dtype)
-    block_zeros = zeros[block_groups].T.contiguous()
-    return NBitsWeight(b=b, scales=scales, zero_points=_zero_points(block_zeros, t.bits, dtype),
-                       perm=perm, k=k, n=n, bits=t.bits, block_size=block)
+    return NBitsWeight(
+        b=pack_bytes(codes.reshape(n, k_blocks, block), bits),
+        scales=scales[block_groups].T.contiguous().to(dtype),
+        zero_points=_zero_points(zeros[block_groups].T.contiguous(), bits, dtype),
+        perm=perm, k=k, n=n, bits=bits, block_size=block,
+    )
 
 
 def _zero_points(zeros: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor | None:

@@ -40,14 +40,11 @@ class Validation:
         return asdict(self)
 
 
-def onnx_session(path, threads: int | None = None):
+def onnx_session(path):
     """A CPU ONNX Runtime session (contrib ops such as MatMulNBits included)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def onnx_logits(session, input_ids: torch.Tensor,
