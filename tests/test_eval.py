@@ -99,6 +99,29 @@ def test_strided_perplexity_matches_the_hf_labels_recipe(tiny_model):
                                         rel=1e-5)
 
 
+class FullHead(nn.Module):
+    """The same model without `logits_to_keep` in its signature: the head runs everywhere."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "baichuan2-7b"])
+def test_head_on_scored_positions_only_gives_the_full_head_result(tiny_model, family):
+    """Baichuan2 (our remote code) slices its NormHead itself; llama is transformers'."""
+    path = tiny_model(family)
+    model = load(path, dtype="fp32", trust_remote_code=True)
+    ids = _ids(path)
+    sliced = perplexity(model, ids, seqlen=48, stride=16, batch_size=2)
+    full = perplexity(FullHead(model), ids, seqlen=48, stride=16, batch_size=2)
+    assert sliced["tokens"] == full["tokens"] == ids.numel() - 1
+    assert sliced["ppl"] == pytest.approx(full["ppl"], rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- KLD
 
 
@@ -201,6 +224,12 @@ def test_kld_without_base_is_refused(tiny_model, tmp_path, capsys):
                      "--out", tmp_path / "e.json")
     assert_one_line_error(result, "kld needs --base")
     assert not (tmp_path / "e.json").exists()
+
+
+def test_remote_code_needs_the_flag_before_any_work(tiny_model, text_file, tmp_path, capsys):
+    result = run_cli(capsys, "eval", tiny_model("baichuan2-7b"), "--tasks", "ppl",
+                     "--text", text_file, "--out", tmp_path / "e.json")
+    assert_one_line_error(result, "--trust-remote-code")
 
 
 def test_unknown_task_is_refused(tiny_model, tmp_path, capsys):

@@ -27,6 +27,7 @@ from quantkit.evaluate.mcq import (
     subject_summary,
 )
 from quantkit.loading import load, load_tokenizer
+from tests.test_eval import FullHead
 
 
 def official_answers(bench: str) -> dict[str, dict[str, str]]:
@@ -181,17 +182,6 @@ def test_padding_batching_and_head_slicing_do_not_change_scores(llama):
     one = score_requests(model, reqs, batch_size=1, pad_id=0)
     many = score_requests(model, reqs, batch_size=5, pad_id=0)
     assert torch.allclose(one, many, atol=1e-4)
-
-    class FullHead(nn.Module):
-        """No logits_to_keep in its signature: the head runs on every position."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.inner(input_ids, attention_mask=attention_mask)
-
     assert torch.allclose(one, score_requests(FullHead(model), reqs, batch_size=3, pad_id=0),
                           atol=1e-4)
 

@@ -18,12 +18,13 @@ from quantkit.gptq.algorithm import (
 )
 
 
-def correlated_hessian(columns: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
-    """X^T X of inputs with correlated features and uneven scales, like real activations."""
+def correlated_hessian(columns: int, seed: int = 0, factors: int = 32) -> torch.Tensor:
+    """X^T X of inputs with correlated features (a few shared factors) and uneven scales,
+    like real activations; built directly, so 4096-wide ones cost no big matmul."""
     g = torch.Generator().manual_seed(seed)
-    mix = torch.eye(columns) + torch.randn(columns, columns, generator=g) / columns**0.5
-    x = torch.randn(tokens, columns, generator=g) @ mix * torch.linspace(0.2, 3.0, columns)
-    return x.T @ x
+    loadings = torch.randn(columns, factors, generator=g)
+    scale = torch.linspace(0.2, 3.0, columns)[torch.randperm(columns, generator=g)]
+    return scale[:, None] * (torch.eye(columns) + loadings @ loadings.T / 4) * scale[None, :]
 
 
 def weights(rows: tuple[int, ...], columns: int, seed: int = 1) -> list[torch.Tensor]:
@@ -152,15 +153,18 @@ def test_dead_inputs_are_zeroed():
 
 @pytest.mark.slow
 def test_fast_solver_matches_reference_at_baichuan2_7b_width():
-    """Issue 8's check at a real width: 4096 inputs (q, k, v of the 7B shape share this
-    Hessian); rows are a slice of each matrix, since rows are solved independently."""
+    """Issue 8's check at a real width: 4096 inputs, the Hessian q, k and v of the 7B shape
+    share. Rows are a slice (rows are solved independently); the stacked fast solve is
+    checked against the reference on q."""
     columns = 4096
-    hessian = correlated_hessian(columns, tokens=4096, seed=9)
-    qkv = weights((256, 256, 256), columns, seed=10)
+    hessian = correlated_hessian(columns, seed=9)
+    qkv = weights((256, 128, 128), columns, seed=10)
     spec = QuantSpec()
-    fast = gptq_fast(qkv, hessian, spec)
-    for w, got in zip(qkv, fast, strict=True):
-        ref = gptq_reference(w, hessian, spec)
-        err_ref, err_fast = output_errors(w, [ref.dequantize(), got.dequantize()], hessian)
-        assert err_fast == pytest.approx(err_ref, rel=1e-3)
-        assert float((got.codes != ref.codes).float().mean()) <= 5e-3
+    fast = gptq_fast(qkv, hessian, spec)[0]
+    ref = gptq_reference(qkv[0], hessian, spec)
+    err_ref, err_fast, err_rtn = output_errors(
+        qkv[0], [ref.dequantize(), fast.dequantize(), rtn_quantize(qkv[0], spec).dequantize()],
+        hessian)
+    assert err_fast == pytest.approx(err_ref, rel=1e-3)
+    assert err_fast < err_rtn
+    assert float((fast.codes != ref.codes).float().mean()) <= 5e-3

@@ -15,6 +15,7 @@ from quantkit.gptq.pack import (
     unpack_cols,
     unpack_rows,
     unpack_weight,
+    unpack_zeros,
 )
 from quantkit.gptq.qlinear import QuantLinear
 from tests.test_gptq_algorithm import correlated_hessian
@@ -151,3 +152,23 @@ def test_int4_kernel_on_cuda_matches_dequantization():
     x = torch.randn(6, 256, device="cuda", dtype=torch.bfloat16)
     expected = F.linear(x.float(), result.dequantize().cuda())
     assert float((layer(x).float() - expected).norm() / expected.norm()) < 1e-2
+
+
+def gptqmodel_v1_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """qzeros as gptqmodel writes v1 (docs/interop.md): the v2 words minus 0x11111111-style
+    constants as whole integers for 2/4/8 bits (a zero of 0 borrows from its neighbour),
+    each field minus 1 modulo 8 for 3 bits."""
+    if bits == 3:
+        return pack_cols((zeros - 1) % 8, 3)
+    v2 = pack_cols(zeros, bits).to(torch.int64) & 0xFFFFFFFF
+    ones = sum(1 << (bits * k) for k in range(32 // bits))
+    v1 = (v2 - ones) % 2**32
+    return torch.where(v1 >= 2**31, v1 - 2**32, v1).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_v1_zero_points_of_zero_written_by_gptqmodel_read_back(bits):
+    zeros = torch.randint(0, 2**bits, (4, 64), generator=torch.Generator().manual_seed(bits))
+    zeros[:, :5] = 0  # the asymmetric case v1 cannot store field by field
+    assert torch.equal(unpack_zeros(gptqmodel_v1_qzeros(zeros, bits), bits, 1).long(), zeros)
+    assert torch.equal(unpack_zeros(pack_cols(zeros, bits), bits, 0).long(), zeros)

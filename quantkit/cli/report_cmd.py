@@ -12,11 +12,11 @@ import click
                 metavar="RESULT.json...")
 @click.option("--out", required=True, type=click.Path(path_type=Path), metavar="report.md",
               help="Markdown report (replaced atomically).")
-@click.option("--html", "as_html", is_flag=True, help="Also write the report as HTML beside --out.")
+@click.option("--html", is_flag=True, help="Also write the report as HTML beside --out.")
 @click.option("--plot", type=click.Path(path_type=Path), metavar="report.png",
               help="Chart of memory against accuracy change (needs matplotlib: the plot extra).")
 @click.option("--title", default="Quantization report", show_default=True)
-def command(results: tuple[Path, ...], out: Path, as_html: bool, plot: Path | None,
+def command(results: tuple[Path, ...], out: Path, html: bool, plot: Path | None,
             title: str) -> None:
     """Combine `quantkit eval` and `quantkit mem` results into one table per model set.
 
@@ -26,7 +26,7 @@ def command(results: tuple[Path, ...], out: Path, as_html: bool, plot: Path | No
     """
     from quantkit.report import ReportConfig, markdown_table, write_report
 
-    written = write_report(ReportConfig(results=results, out=out, html=as_html, plot=plot,
+    written = write_report(ReportConfig(results=results, out=out, html=html, plot=plot,
                                         title=title))
     click.echo(markdown_table(results))
     for path in written:

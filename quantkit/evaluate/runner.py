@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quantkit.checkpoint import check_file_destination
+from quantkit.checkpoint import check_file_destination, open_checkpoint
 from quantkit.errors import ConfigError
 from quantkit.evaluate import TASKS
 from quantkit.evaluate.kld import KldTotal
@@ -40,7 +40,7 @@ from quantkit.evaluate.provenance import (
     versions,
     write_result,
 )
-from quantkit.loading import load, load_tokenizer, resolve_device
+from quantkit.loading import check_remote_code, load, load_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +151,9 @@ def evaluate_text(model: nn.Module, ids: torch.Tensor, *, seqlen: int, stride: i
     return dict(nll.summary(), windows=sum(map(len, batches))), kld
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Run the tasks of `cfg`, write the result JSON to `cfg.out`, and return it."""
-    started, t0 = utc_now(), time.perf_counter()
-    tasks = parse_tasks(cfg.tasks, has_base=cfg.base is not None)
-    _check_config(cfg)
-    benches = [t for t in tasks if t in BENCHMARKS]
-    data_dirs = resolve_data_dirs(cfg.data_dirs, benches)
-    subject_sets = {b: load_benchmark(BENCHMARKS[b], data_dirs[b], shots=cfg.shots,
-                                      limit=cfg.limit) for b in benches}
-    device = resolve_device(cfg.device)
-    text_tasks = [t for t in tasks if t in ("ppl", "kld")]
-    use_base = "kld" in tasks
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    texts = heldout_ids(tokenizer, cfg.text) if text_tasks else {}
+def heldout_texts(cfg: EvalConfig, tokenizer, use_base: bool) -> dict[str, torch.Tensor]:
+    """The held-out token streams, checked to be the same under the base's tokenizer."""
+    texts = heldout_ids(tokenizer, cfg.text)
     if use_base:
         base_tokenizer = load_tokenizer(cfg.base, trust_remote_code=cfg.trust_remote_code)
         check_same_tokenizer(tokenizer, base_tokenizer, cfg.base, cfg.model)
@@ -172,53 +161,79 @@ def run_eval(cfg: EvalConfig) -> dict:
         if any(not torch.equal(base_texts[k], texts[k]) for k in texts):
             raise ConfigError(f"--base {cfg.base}: its tokenizer encodes the held-out text "
                               f"differently from {cfg.model}'s; pass the model's own base")
-    texts = {k: v[:cfg.max_tokens] for k, v in texts.items()}
+    return {k: v[:cfg.max_tokens] for k, v in texts.items()}
+
+
+def text_results(cfg: EvalConfig, tasks: tuple[str, ...], model: nn.Module,
+                 base: nn.Module | None, texts: dict[str, torch.Tensor]
+                 ) -> tuple[dict, dict]:
+    """(results, settings) of ppl and kld: one pass per held-out text."""
+    seqlen, stride = window_settings(cfg, model)
+    settings = {"seqlen": seqlen, "stride": stride, "max_tokens": cfg.max_tokens,
+                "text": str(Path(cfg.text).absolute()) if cfg.text else "calib_data/heldout",
+                "text_tokens": {k: int(v.numel()) for k, v in texts.items()},
+                "text_fingerprint": {k: fingerprint(v) for k, v in texts.items()}}
+    ppl, klds = {}, {}
+    for split, ids in texts.items():
+        ppl[split], klds[split] = evaluate_text(model, ids, seqlen=seqlen, stride=stride,
+                                                batch_size=cfg.batch_size, base=base,
+                                                desc=f"text {split}")
+        log.info("%s: ppl %.4f over %d tokens", split, ppl[split]["ppl"], ppl[split]["tokens"])
+    results: dict = {"ppl": ppl} if "ppl" in tasks else {}
+    if base is not None:
+        results["kld"] = {split: total.summary() for split, total in klds.items()}
+        if len(klds) > 1:
+            merged = KldTotal()
+            for total in klds.values():
+                merged = merged.merged(total)
+            results["kld"]["all"] = merged.summary()
+    return results, settings
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Run the tasks of `cfg`, write the result JSON to `cfg.out`, and return it."""
+    started, t0 = utc_now(), time.perf_counter()
+    tasks = parse_tasks(cfg.tasks, has_base=cfg.base is not None)
+    use_base = "kld" in tasks
+    if cfg.base is not None and not use_base:
+        log.warning("--base is only used by the kld task, which --tasks leaves out")
+    _check_config(cfg)
+    for path in (cfg.model, cfg.base) if use_base else (cfg.model,):
+        ckpt = open_checkpoint(path)  # a broken folder or unreviewed remote code fails now,
+        check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)  # not after an hour
+    benches = [t for t in tasks if t in BENCHMARKS]
+    data_dirs = resolve_data_dirs(cfg.data_dirs, benches)
+    subject_sets = {b: load_benchmark(BENCHMARKS[b], data_dirs[b], shots=cfg.shots,
+                                      limit=cfg.limit) for b in benches}
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    texts = heldout_texts(cfg, tokenizer, use_base) if {"ppl", "kld"} & set(tasks) else {}
 
     model = load(cfg.model, device=device, dtype=cfg.dtype,
                  trust_remote_code=cfg.trust_remote_code)
-    base = None
-    if use_base:  # the base against itself (recipes measure every model): load it once
-        same = Path(cfg.base).resolve() == Path(cfg.model).resolve()
-        base = model if same else load(cfg.base, device=device, dtype=cfg.dtype,
-                                       trust_remote_code=cfg.trust_remote_code)
-    results: dict = {}
     settings: dict = {"tasks": list(tasks), "device": device, "dtype": cfg.dtype,
                       "batch_size": cfg.batch_size}
-    if text_tasks:
-        seqlen, stride = window_settings(cfg, model)
-        settings.update(seqlen=seqlen, stride=stride, max_tokens=cfg.max_tokens,
-                        text=str(Path(cfg.text).absolute()) if cfg.text else "calib_data/heldout",
-                        text_tokens={k: int(v.numel()) for k, v in texts.items()},
-                        text_fingerprint={k: fingerprint(v) for k, v in texts.items()})
-        ppl, klds = {}, {}
-        for split, ids in texts.items():
-            ppl[split], klds[split] = evaluate_text(
-                model, ids, seqlen=seqlen, stride=stride, batch_size=cfg.batch_size,
-                base=base, desc=f"text {split}")
-            log.info("%s: ppl %.4f over %d tokens", split, ppl[split]["ppl"],
-                     ppl[split]["tokens"])
-        if "ppl" in tasks:
-            results["ppl"] = ppl
-        if use_base:
-            results["kld"] = {split: total.summary() for split, total in klds.items()}
-            if len(klds) > 1:
-                merged = KldTotal()
-                for total in klds.values():
-                    merged = merged.merged(total)
-                results["kld"]["all"] = merged.summary()
-    del base
+    results: dict = {}
+    if texts:
+        base = None
+        if use_base:  # the base against itself (recipes measure every model): load it once
+            same = Path(cfg.base).resolve() == Path(cfg.model).resolve()
+            base = model if same else load(cfg.base, device=device, dtype=cfg.dtype,
+                                           trust_remote_code=cfg.trust_remote_code)
+        text_out, text_settings = text_results(cfg, tasks, model, base, texts)
+        results.update(text_out)
+        settings.update(text_settings)
+        del base
     if benches:
         max_length = cfg.max_length or context_length(model) or DEFAULT_SEQLEN
         settings.update(shots=cfg.shots, limit=cfg.limit, max_length=max_length,
                         data_dirs={b: str(Path(data_dirs[b]).absolute()) for b in benches})
-        for b in benches:
-            results[b] = evaluate_benchmark(model, tokenizer, BENCHMARKS[b], subject_sets[b],
-                                            batch_size=cfg.batch_size, max_length=max_length)
-            results[b].update(shots=cfg.shots, limit=cfg.limit,
-                              sample_data=_is_sample(data_dirs[b]))
-            log.info("%s: average %.2f over %d questions", BENCHMARKS[b].title,
-                     results[b]["average"], results[b]["questions"])
-    finished = utc_now()
+    for b in benches:
+        results[b] = evaluate_benchmark(model, tokenizer, BENCHMARKS[b], subject_sets[b],
+                                        batch_size=cfg.batch_size, max_length=max_length)
+        results[b].update(shots=cfg.shots, limit=cfg.limit, sample_data=_is_sample(data_dirs[b]))
+        log.info("%s: average %.2f over %d questions", BENCHMARKS[b].title,
+                 results[b]["average"], results[b]["questions"])
     result = {
         "kind": "eval",
         "schema_version": RESULT_SCHEMA_VERSION,
@@ -228,7 +243,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "results": results,
         "versions": versions(),
         "started": timestamp(started),
-        "finished": timestamp(finished),
+        "finished": timestamp(utc_now()),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_result(cfg.out, result)

@@ -231,6 +231,11 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params or takes_any else {}
 
 
+def auto_batch_size(seqlen: int) -> int:
+    """Sequences per calibration forward when the user does not say: about 16k tokens."""
+    return max(1, _AUTO_BATCH_TOKENS // seqlen)
+
+
 def batches(total: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
 
@@ -291,7 +296,6 @@ class _HessianHooks:
         self.rows: dict[str, int] = {}
         self.fired: set[str] = set()
         self.handles = []
-        self.stop_after_all = True
         for group in groups:
             key = group[0]
             module = modules[key]
@@ -307,7 +311,7 @@ class _HessianHooks:
                 add_gram(self.hessians[key], x)
                 self.rows[key] += x.shape[0]
             self.fired.add(key)
-            if self.stop_after_all and len(self.fired) == len(self.hessians):
+            if len(self.fired) == len(self.hessians):  # nothing later in the layer is needed
                 raise _StopForward
         return accumulate
 
@@ -399,7 +403,7 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
     device = options.device
     act_device = "cpu" if options.activations_on_host else device
     layers_path, layers = find_decoder_layers(model, family, label)
-    batch_size = options.batch_size or max(1, _AUTO_BATCH_TOKENS // input_ids.shape[1])
+    batch_size = options.batch_size or auto_batch_size(input_ids.shape[1])
     with timer.phase("capture"):
         inputs = capture_inputs(model, layers, input_ids, batch_size, device, act_device)
     result = QuantizedLayers(layers_path)

@@ -144,36 +144,31 @@ def pack_result(result: QuantResult, bits: int, checkpoint_format: str = "gptq")
     )
 
 
-def add_one_per_field(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """v1 -> v2 zero points: add 1 to every packed field as one integer addition.
+def add_one_per_word(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """2/4/8-bit v1 -> v2 zero points: add 1 to every field as one int32 addition.
 
     Writers store v1 by subtracting 1 from the packed integer, not field by field, so a zero
     point of 0 becomes an all-ones field that borrowed from its neighbour (gptqmodel writes
     such files for --asym). Adding back the same way, carries included, undoes it exactly;
     where no field was 0 it is the same as adding 1 to each field.
     """
-    rows, cols = qzeros.shape
-    words_per_chunk = chunk_shape(bits)[1]
-    ones = torch.zeros(words_per_chunk, dtype=torch.int64)
-    for _, word, shift, _ in _positions(bits):
-        ones[word] |= 1 << shift
-    words = (qzeros.to(torch.int64) & 0xFFFFFFFF).reshape(rows, -1, words_per_chunk)
-    ones = ones.to(qzeros.device)
-    carry = torch.zeros_like(words[..., 0])
-    out = torch.empty_like(words)
-    for w in range(words_per_chunk):  # little-endian: the carry runs into the next word
-        total = words[..., w] + ones[w] + carry
-        out[..., w] = total & 0xFFFFFFFF
-        carry = total >> 32
-    out = torch.where(out >= 2**31, out - 2**32, out)
-    return out.reshape(rows, cols).to(torch.int32)
+    ones = sum(1 << (bits * k) for k in range(32 // bits))
+    words = (qzeros.to(torch.int64) & 0xFFFFFFFF) + ones
+    words &= 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_zeros(qzeros: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
-    """Zero points `[groups, out]` from qzeros stored with `offset` (1 for v1, 0 for v2)."""
-    if offset:
-        qzeros = add_one_per_field(qzeros, bits)
-    return unpack_cols(qzeros, bits)
+    """Zero points `[groups, out]` from qzeros stored with `offset` (1 for v1, 0 for v2).
+
+    3-bit fields straddle words; gptqmodel's writer subtracts 1 from each of them modulo 8,
+    so that is how they are read back.
+    """
+    if not offset:
+        return unpack_cols(qzeros, bits)
+    if 32 % bits:
+        return (unpack_cols(qzeros, bits) + 1) & ((1 << bits) - 1)
+    return unpack_cols(add_one_per_word(qzeros, bits), bits)
 
 
 def unpack_weight(packed: PackedLinear, bits: int, offset: int,

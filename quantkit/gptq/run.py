@@ -32,6 +32,7 @@ from quantkit.gptq.calibrate import (
     SOLVERS,
     QuantizedLayers,
     StreamOptions,
+    auto_batch_size,
     find_decoder_layers,
     quantize_layers,
 )
@@ -187,7 +188,8 @@ def activations_fit(max_gpu_memory: str | None, *, tokens: int, hidden: int,
 
 
 def stream_options(cfg: GPTQConfig, model: nn.Module, family: Family | None, device: str,
-                   label: str) -> StreamOptions:
+                   label: str, input_ids: torch.Tensor) -> StreamOptions:
+    nsamples, seqlen = input_ids.shape
     on_host = False
     if device != "cpu" and cfg.max_gpu_memory is not None:
         _, layers = find_decoder_layers(model, family, label)
@@ -195,13 +197,13 @@ def stream_options(cfg: GPTQConfig, model: nn.Module, family: Family | None, dev
         layer_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())
         hidden = model.get_input_embeddings().embedding_dim
         on_host = not activations_fit(
-            cfg.max_gpu_memory, tokens=cfg.nsamples * cfg.seqlen, hidden=hidden,
+            cfg.max_gpu_memory, tokens=nsamples * seqlen, hidden=hidden,
             layer_bytes=layer_bytes, widest_input=max(m.in_features for m in linears),
             widest_rows=sum(m.out_features for m in linears))
         if on_host:
             log.info("calibration activations stay in host memory to fit --max-gpu-memory %s",
                      cfg.max_gpu_memory)
-    return StreamOptions(device=device, batch_size=cfg.batch_size,
+    return StreamOptions(device=device, batch_size=cfg.batch_size or auto_batch_size(seqlen),
                          true_sequential=cfg.true_sequential, solver=cfg.solver,
                          activations_on_host=on_host)
 
@@ -270,7 +272,7 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
     log.info("GPTQ %d-bit, group %d%s%s on %s: %d x %d calibration tokens", cfg.bits,
              cfg.group_size, "" if cfg.sym else ", asym", ", act-order" if cfg.desc_act else "",
              device, input_ids.shape[0], input_ids.shape[1])
-    options = stream_options(cfg, model, family, device, label)
+    options = stream_options(cfg, model, family, device, label, input_ids)
     layers = quantize_layers(model, input_ids, cfg.spec, family=family, options=options,
                              timer=timer, label=label)
     manifest = {
