@@ -336,6 +336,9 @@ def plan(recipe: Recipe, run_dir: Path) -> list[Invocation]:
         elif step.type == "report":
             out = run_dir / "report.md"
             args = [*map(str, results), "--out", str(out), *extra]
+            has_mem = any(i.step.type == "mem" for i in invocations)
+            if "plot" not in step.settings and has_mem and _can_plot():
+                args += ["--plot", str(run_dir / "report.png")]
             invocations.append(Invocation(step, args, [out], step.name))
         else:  # push
             target = model_paths[_resolve(step.input or _last_artifact(model_paths, base), base)]
@@ -344,6 +347,12 @@ def plan(recipe: Recipe, run_dir: Path) -> list[Invocation]:
                 extra += ["--report", str(run_dir / "report.md")]
             invocations.append(Invocation(step, [str(target), *extra], [], step.name))
     return invocations
+
+
+def _can_plot() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _resolve(name: str, base: str) -> str:

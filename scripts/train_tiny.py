@@ -11,7 +11,7 @@ repository (bf16, under 10 MB) on calib_data/train, deterministically on CPU:
    back with trust_remote_code, and scored on calib_data/heldout (non-overlapping windows);
 4. TRAINING.md recording the command, time, loss and held-out perplexities.
 
-    python scripts/train_tiny.py --steps 300 --threads 2 --out quantkit/assets/tiny-baichuan2
+    python scripts/train_tiny.py --steps 1000 --threads 2 --out quantkit/assets/tiny-baichuan2
 
 Every Linear's in-features are a multiple of 128 and out-features a multiple of 32, so
 GPTQ with group size 128 and 2/3/4/8-bit packing apply to all of them.
@@ -60,9 +60,9 @@ class TrainConfig:
     num_attention_heads: int = 4
     seqlen: int = 256
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     log_every: int = 20
 
@@ -197,7 +197,7 @@ Chance level is the vocabulary size ({cfg.vocab_size}).
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "quantkit/assets/tiny-baichuan2")
     parser.add_argument("--data", type=Path, default=REPO / "calib_data")

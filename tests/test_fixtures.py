@@ -27,7 +27,8 @@ def _load(path, family: str):
 def test_every_family_loads_and_runs(tiny_model, any_family):
     path = tiny_model(any_family)
     model = _load(path, any_family)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path,
+                                              trust_remote_code=any_family not in NATIVE_FAMILIES)
     ids = tokenizer("量化 trades precision for memory。", return_tensors="pt").input_ids
     out = model(input_ids=ids, labels=ids)
     assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
@@ -100,7 +101,7 @@ def test_tiny_trained_model_ships_small_in_bf16():
 
 
 def test_tiny_trained_model_learned_chinese():
-    tokenizer = AutoTokenizer.from_pretrained(ASSET)
+    tokenizer = AutoTokenizer.from_pretrained(ASSET, trust_remote_code=True)
     text = HELDOUT_ZH.read_text(encoding="utf-8")[:3000]
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     assert tokenizer.decode(ids) == text  # byte-level BPE: lossless

@@ -137,3 +137,33 @@ def test_calibration_file_missing_empty_or_short(tiny_model, tmp_path, capsys):
     assert_one_line_error(result, "short.txt")
     assert re.search(r"\d+ tokens", result.err)
     assert leftovers(tmp_path, "out") == []
+
+
+def test_rtn_baseline_writes_the_same_format_and_says_so(tiny_model, tmp_path, capsys):
+    """--method rtn: the baseline GPTQ is measured against, loadable like any GPTQ folder."""
+    import torch
+
+    import quantkit
+    from quantkit.checkpoint import open_checkpoint
+    from quantkit.evaluate.provenance import precision_label
+    from tests.helpers import run_cli
+
+    src = tiny_model("llama")
+    outs = {}
+    for method in ("gptq", "rtn"):
+        out = tmp_path / method
+        result = run_cli(capsys, "gptq", src, "--out", out, "--method", method, "--group-size",
+                         "32", "--nsamples", "8", "--seqlen", "64", "--device", "cpu")
+        assert result.code == 0, result.err
+        outs[method] = open_checkpoint(out)
+    qc_rtn = outs["rtn"].quantization_config
+    assert qc_rtn["meta"]["method"] == "rtn" and "method" not in outs["gptq"].quantization_config[
+        "meta"]
+    assert precision_label(qc_rtn) == "RTN 4-bit g32"
+    name = "model.layers.0.self_attn.q_proj.qweight"
+    assert outs["rtn"].get_tensor(name).shape == outs["gptq"].get_tensor(name).shape
+    assert not torch.equal(outs["rtn"].get_tensor(name), outs["gptq"].get_tensor(name))
+    ids = torch.arange(2, 50).unsqueeze(0)
+    with torch.no_grad():
+        logits = quantkit.load(tmp_path / "rtn")(input_ids=ids).logits
+    assert torch.isfinite(logits).all()

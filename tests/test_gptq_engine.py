@@ -258,29 +258,35 @@ def test_gptq_beats_round_to_nearest_on_held_out_text(tiny_model):
         assert e["gptq"] < e["rtn"], (name, e)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TRAINED.is_dir(), reason="the tiny trained model is not built yet")
 def test_gptq_halves_the_perplexity_cost_on_the_trained_model():
-    """The issue's bar, on a model trained on real text: GPTQ 4-bit g128 raises held-out
-    perplexity by at most half of what round-to-nearest does, every Linear better."""
+    """The issue's bar, on the model trained on real text: GPTQ 4-bit g128 raises held-out
+    perplexity by at most half of what round-to-nearest does, and every Linear errs less.
+    (Calibration seeds 0-3 give ratios of -0.4 to 0.2.)"""
     from quantkit.data import calibration_samples, heldout_tokens
     from quantkit.loading import load_tokenizer
 
-    fp = load_source_model(open_checkpoint(TRAINED), trust_remote_code=True)
+    # float32: bf16 matmuls are slow on CPU, and the comparison does not depend on dtype
+    fp = load_source_model(open_checkpoint(TRAINED), trust_remote_code=True).float()
     tokenizer = load_tokenizer(TRAINED, trust_remote_code=True)
     calibration = calibration_samples(tokenizer, nsamples=32, seqlen=256, seed=0)
-    streams = heldout_tokens(tokenizer)
-    held_out = torch.cat([ids[: 4 * 256].reshape(4, 256) for ids in streams.values()])
+    held_out = torch.cat([ids[: 32 * 256].reshape(32, 256)  # 16k tokens, zh and en
+                          for ids in heldout_tokens(tokenizer).values()])
     raise_gptq, raise_rtn, errors = quality_check(fp, calibration, held_out, QuantSpec())
-    assert raise_rtn > 0 and raise_gptq <= 0.5 * raise_rtn
+    assert raise_rtn > 0 and raise_gptq <= 0.5 * raise_rtn, (raise_gptq, raise_rtn)
     for name, e in errors.items():
         assert e["gptq"] < e["rtn"], (name, e)
 
 
 @pytest.mark.slow
-def test_cpu_quantizes_the_tiny_model_in_under_a_minute(tiny_model, tmp_path, capsys):
-    src = tiny_model("baichuan2-7b")
+@pytest.mark.skipif(not TRAINED.is_dir(), reason="the tiny trained model is not built yet")
+def test_cpu_quantizes_the_tiny_model_in_under_a_minute(tmp_path, capsys):
+    """Defaults (128 calibration sequences, 4-bit g128), at the model's full 512 context."""
     start = time.perf_counter()
-    result = run_cli(capsys, "gptq", src, "--out", tmp_path / "gptq", "--device", "cpu",
-                     "--trust-remote-code", "--nsamples", 128, "--seqlen", 256)
+    result = run_cli(capsys, "gptq", TRAINED, "--out", tmp_path / "gptq", "--device", "cpu",
+                     "--trust-remote-code", "--seqlen", 512)
     assert result.code == 0, result.err
     assert time.perf_counter() - start < 60
+    manifest = json.loads((tmp_path / "gptq" / "quantkit.json").read_text())["gptq"]
+    assert manifest["calibration"]["nsamples"] == 128

@@ -40,12 +40,15 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
               show_default=True)
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model's own Python code (Baichuan2, Aquila2, ...).")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="rtn: round-to-nearest on the same grid and format, the baseline GPTQ "
+                   "is measured against.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_act: bool,
             static_groups: bool, true_sequential: bool, damp: float, calib: str | None,
             nsamples: int, seqlen: int, batch_size: int | None, device: str,
-            trust_remote_code: bool, force: bool, max_shard_size: str) -> None:
+            trust_remote_code: bool, method: str, force: bool, max_shard_size: str) -> None:
     """Quantize MODEL with GPTQ into a folder every GPTQ loader reads.
 
     Only the decoder layer being quantized and the calibration activations are on the
@@ -59,7 +62,9 @@ def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_ac
         damp=damp, calib=Path(calib) if calib else None, nsamples=nsamples, seqlen=seqlen,
         batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
         force=force, max_shard_size=max_shard_size,
+        solver="rtn" if method == "rtn" else "fast",
     )
     result = gptq_quantize(cfg)
-    click.echo(f"wrote {result.dest} (GPTQ {bits}-bit, group {group_size}, "
+    name = "round-to-nearest" if method == "rtn" else "GPTQ"
+    click.echo(f"wrote {result.dest} ({name} {bits}-bit, group {group_size}, "
                f"{result.output_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")

@@ -27,7 +27,8 @@ def precision_label(quantization_config: dict | None, dtype: str | None = None) 
     qc = quantization_config or {}
     method = qc.get("quant_method")
     if method == "gptq":
-        label = f"GPTQ {qc.get('bits')}-bit"
+        method = "RTN" if (qc.get("meta") or {}).get("method") == "rtn" else "GPTQ"
+        label = f"{method} {qc.get('bits')}-bit"
         if qc.get("group_size") not in (None, -1):
             label += f" g{qc['group_size']}"
         return label + (" act-order" if qc.get("desc_act") else "")

@@ -220,11 +220,12 @@ def _g_idx(spec: QuantSpec, columns: int, perm: torch.Tensor | None,
 
 
 @contextlib.contextmanager
-def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
     """The column loop is thousands of small kernels. On CPU, OpenMP's fork/join per kernel
     costs more than the work, and stalls for whole time slices when cores are shared (50x
-    slower on a busy 2-core machine; the Cholesky factorizations suffer the same), so the
-    solver runs on one thread. On CUDA nothing changes."""
+    slower on a busy 2-core machine; the Cholesky factorizations and the error metrics on
+    layer-sized matrices suffer the same), so solving runs on one thread. On CUDA nothing
+    changes."""
     if device.type != "cpu":
         yield
         return
@@ -237,10 +238,10 @@ def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
 
 
 def _one_thread_solver(fn):
-    """Run a solver single-threaded on CPU (see `_one_thread_on_cpu`)."""
+    """Run a solver single-threaded on CPU (see `one_thread_on_cpu`)."""
     @functools.wraps(fn)
     def wrapper(weight, hessian, spec):
-        with _one_thread_on_cpu(hessian.device):
+        with one_thread_on_cpu(hessian.device):
             return fn(weight, hessian, spec)
     return wrapper
 

@@ -34,10 +34,18 @@ QUANTIZE_CONFIG = "quantize_config.json"
 MANIFEST_KEY = "gptq"
 
 
-def quantization_config(spec: QuantSpec, *, true_sequential: bool) -> dict:
-    """The `quantization_config` block, in the keys transformers and gptqmodel read."""
+def quantization_config(spec: QuantSpec, *, true_sequential: bool, method: str = "gptq"
+                        ) -> dict:
+    """The `quantization_config` block, in the keys transformers and gptqmodel read.
+
+    A round-to-nearest baseline is stored in the same format (so every loader reads it) and
+    says so in `meta.method`, which loaders ignore and reports use for the row label.
+    """
     from quantkit import __version__
 
+    meta = {"quantizer": [f"quantkit:{__version__}"]}
+    if method != "gptq":
+        meta["method"] = method
     return {
         "quant_method": "gptq",
         "bits": spec.bits,
@@ -50,7 +58,7 @@ def quantization_config(spec: QuantSpec, *, true_sequential: bool) -> dict:
         "checkpoint_format": CHECKPOINT_FORMAT,
         "lm_head": False,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"quantkit:{__version__}"]},
+        "meta": meta,
     }
 
 
@@ -85,9 +93,10 @@ def artifact_tensors(source: Iterable[tuple[str, torch.Tensor]], layers: Quantiz
 def write_artifact(dest: Path, source: Checkpoint, source_tensors: Iterable, *,
                    layers: QuantizedLayers, spec: QuantSpec, true_sequential: bool,
                    manifest: dict, force: bool, max_shard_size: str,
-                   rename: Callable[[str], str] = lambda key: key) -> Path:
+                   rename: Callable[[str], str] = lambda key: key, method: str = "gptq"
+                   ) -> Path:
     """Write the folder atomically through `checkpoint.write_checkpoint`."""
-    qconfig = quantization_config(spec, true_sequential=true_sequential)
+    qconfig = quantization_config(spec, true_sequential=true_sequential, method=method)
     config = dict(source.config, quantization_config=qconfig)
     return write_checkpoint(
         dest, artifact_tensors(source_tensors, layers, rename), source=source, config=config,

@@ -32,6 +32,7 @@ from quantkit.gptq.algorithm import (
     QuantSpec,
     gptq_fast,
     gptq_reference,
+    one_thread_on_cpu,
     output_errors,
     rtn_quantize,
 )
@@ -40,7 +41,7 @@ from quantkit.gptq.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("fast", "reference")
+SOLVERS = ("fast", "reference", "rtn")  # rtn: round-to-nearest baseline, same grid and format
 _AUTO_BATCH_TOKENS = 16384  # tokens per calibration forward when --batch-size is not given
 
 
@@ -362,10 +363,12 @@ def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
     if rows == 0:
         raise QuantizationError(f"{label}: received no inputs during calibration")
     weights = [modules[n].weight.data for n in names]
-    with timer.phase("solve"):
+    with timer.phase("solve"), one_thread_on_cpu(hessian.device):
         try:
             if solver == "fast":
                 results = gptq_fast(weights, hessian, spec)
+            elif solver == "rtn":
+                results = [rtn_quantize(w, spec) for w in weights]
             else:
                 results = [gptq_reference(w, hessian, spec) for w in weights]
         except NotPositiveDefinite as exc:
@@ -383,7 +386,7 @@ def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
             error, rtn_error = output_errors(weight, [quantized, rtn], hessian)
             reports.append(LinearReport(f"{prefix}.{name}", error, rtn_error, result.damp))
             weight.copy_(quantized.to(weight.dtype))
-    with timer.phase("pack"):
+    with timer.phase("pack"), one_thread_on_cpu(hessian.device):
         for name, result in zip(names, results, strict=True):
             out.packed[f"{prefix}.{name}"] = pack_result(result, spec.bits).to("cpu")
     out.reports.extend(reports)

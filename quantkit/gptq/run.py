@@ -286,13 +286,14 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
         "mean_error": round(_mean(r.error for r in layers.reports), 6),
         "mean_rtn_error": round(_mean(r.rtn_error for r in layers.reports), 6),
         "seconds": round(time.perf_counter() - t0, 3),
-        "phases": timer.rounded(),
+        "phases": {k: v for k, v in timer.rounded().items() if k != "write"},  # not done yet
     }
     with timer.phase("write"):
         dest = write_artifact(Path(cfg.dest), source, source_tensors, layers=layers,
                               spec=cfg.spec, true_sequential=cfg.true_sequential,
                               manifest=manifest, force=cfg.force,
-                              max_shard_size=cfg.max_shard_size, rename=key_renamer(model))
+                              max_shard_size=cfg.max_shard_size, rename=key_renamer(model),
+                              method="rtn" if cfg.solver == "rtn" else "gptq")
     seconds = time.perf_counter() - t0
     result = GPTQResult(dest, model, layers, manifest, seconds, folder_size(dest))
     log_summary(result, timer)

@@ -24,8 +24,6 @@ from torch import nn
 
 from quantkit.onnx_export.nbits import NBitsWeight, dequantize_blocks
 
-log = logging.getLogger(__name__)
-
 MSFT_DOMAIN = "com.microsoft"
 # The exporter's passes log every rewrite at INFO and warn about missing torchvision ops.
 _CHATTY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
@@ -71,13 +69,10 @@ class NBitsLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` at dotted path `name`; return the module it replaced."""
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at dotted path `name`."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 class LogitsOnly(nn.Module):

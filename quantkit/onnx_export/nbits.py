@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import ConfigError
-from quantkit.gptq.pack import PackedLinear, unpack_cols, unpack_rows
+from quantkit.gptq.pack import PackedLinear, unpack_cols
 
 SUPPORTED_BITS = (2, 4, 8)  # what MatMulNBits packs byte-aligned and ORT's CPU kernel runs
 MIN_BLOCK, MAX_BLOCK = 16, 128
@@ -58,10 +58,10 @@ def pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_bytes` (padding kept): uint8 [..., L] -> int16 [..., L * 8 / bits]."""
+    """Inverse of `pack_bytes` (padding kept): uint8 [..., L] -> uint8 [..., L * 8 / bits]."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], -1).to(torch.int16)
+    return codes.reshape(*packed.shape[:-1], -1)
 
 
 def block_layout(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, int, torch.Tensor]:
@@ -105,19 +105,35 @@ def gptq_to_nbits(packed: PackedLinear, bits: int, zero_offset: int,
     if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
         raise ConfigError(f"g_idx names groups outside 0..{groups - 1}; the checkpoint is "
                           "damaged")
-    codes = unpack_rows(packed.qweight, bits)[:k]  # [K, N]
     zeros = unpack_cols(packed.qzeros, bits)[:, :n] + zero_offset  # [G, N]
     perm, block, block_groups = block_layout(g_idx)
-    if perm is not None:
-        codes = codes[perm]
     k_blocks = block_groups.numel()
-    codes = torch.nn.functional.pad(codes.T, (0, k_blocks * block - k))  # [N, k_blocks*block]
     return NBitsWeight(
-        b=pack_bytes(codes.reshape(n, k_blocks, block), bits),
+        b=_blocks_of_codes(packed.qweight, bits, k, n, perm, block, k_blocks),
         scales=scales[block_groups].T.contiguous().to(dtype),
         zero_points=_zero_points(zeros[block_groups].T.contiguous(), bits, dtype),
         perm=perm, k=k, n=n, bits=bits, block_size=block,
     )
+
+
+def _blocks_of_codes(qweight: torch.Tensor, bits: int, k: int, n: int,
+                     perm: torch.Tensor | None, block: int, k_blocks: int) -> torch.Tensor:
+    """B for MatMulNBits: codes [N, k_blocks, block * bits / 8], packed low bits first.
+
+    A GPTQ int32 word holds consecutive input rows lowest bits first, so its bytes, lowest
+    first, already are MatMulNBits' bytes: transposing the words and splitting them into bytes
+    is the whole conversion. Act-order (rows to reorder) or a partial last block needs the
+    codes unpacked from those bytes, permuted and packed again.
+    """
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=qweight.device)
+    as_bytes = ((qweight.T.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(n, -1)
+    if perm is None and k == k_blocks * block:
+        return as_bytes.reshape(n, k_blocks, block * bits // 8)
+    codes = unpack_bytes(as_bytes, bits)[:, :k]  # [N, K]
+    if perm is not None:
+        codes = codes[:, perm]
+    codes = torch.nn.functional.pad(codes, (0, k_blocks * block - k))
+    return pack_bytes(codes.reshape(n, k_blocks, block), bits)
 
 
 def _zero_points(zeros: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor | None:
