@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main suite, then the GPTQ interop suite in its own venv (gptqmodel + optimum).
 test: install
 	$(BIN)/python -m pytest -q
+	bash .ci/interop.sh
 
 demo: install
 	$(BIN)/quantkit run recipes/demo.yaml --out runs/demo --force

@@ -14,11 +14,11 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="quantkit-test-hf-")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from quantkit.fixtures import FIXTURE_FAMILIES, build_tiny_model  # noqa: E402
-
 # transformers binds its log handler to the first sys.stderr it sees; make that the real
 # one, not some test's capsys buffer (later warnings would print "Logging error" tracebacks).
 from transformers.utils import logging as _hf_logging  # noqa: E402
+
+from quantkit.fixtures import FIXTURE_FAMILIES, build_tiny_model  # noqa: E402
 
 _hf_logging.get_logger("transformers")
 
