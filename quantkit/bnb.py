@@ -27,9 +27,7 @@ from tqdm.auto import tqdm
 from quantkit.checkpoint import (
     Checkpoint,
     atomic_output,
-    check_destination,
     copy_non_weight_files,
-    open_checkpoint,
     parse_size,
     read_json,
     write_json,
@@ -38,7 +36,10 @@ from quantkit.checkpoint import (
 from quantkit.data import calibration_samples
 from quantkit.errors import ConfigError, QuantizationError, require
 from quantkit.families import family_for
-from quantkit.loading import check_remote_code, load_tokenizer, resolve_device
+from quantkit.loading import (
+    load_tokenizer,
+    open_quantization_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -341,15 +342,9 @@ def bnb_quantize(cfg: BnbConfig) -> BnbResult:
     """Quantize `cfg.source` into `cfg.dest` atomically; the source is only read."""
     require("bitsandbytes", "bnb")
     started = _dt.datetime.now(_dt.timezone.utc)
-    ckpt = open_checkpoint(cfg.source)
-    if ckpt.quantization_config:
-        method = ckpt.quantization_config.get("quant_method", "unknown")
-        raise ConfigError(f"{ckpt.path}: already quantized ({method}); quantize the BF16 "
-                          "checkpoint instead")
-    check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)
-    device = resolve_device(cfg.device)
-    check_destination(Path(cfg.dest), source=ckpt.path, force=cfg.force)
-    parse_size(cfg.max_shard_size)
+    ckpt, device = open_quantization_source(
+        cfg.source, dest=cfg.dest, trust_remote_code=cfg.trust_remote_code, device=cfg.device,
+        force=cfg.force, max_shard_size=cfg.max_shard_size)
     skeleton = _empty_model(ckpt, cfg.trust_remote_code)
     skip_modules = resolve_skip_modules(skeleton, ckpt, cfg.skip_modules)
     if not convertible_linears(skeleton, skip_modules):

@@ -50,6 +50,25 @@ def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None
         )
 
 
+def open_quantization_source(source: str | os.PathLike, *, dest: str | os.PathLike,
+                             trust_remote_code: bool, device: str, force: bool,
+                             max_shard_size: str):
+    """Checks every quantizer makes before any work: an unquantized source, remote code
+    allowed, a usable device and destination. Returns the opened checkpoint and device."""
+    from quantkit.checkpoint import check_destination, parse_size
+
+    ckpt = open_checkpoint(source)
+    if ckpt.quantization_config:
+        method = ckpt.quantization_config.get("quant_method", "unknown")
+        raise ConfigError(f"{ckpt.path}: already quantized ({method}); quantize the BF16 "
+                          "checkpoint instead")
+    check_remote_code(ckpt.path, ckpt.config, trust_remote_code)
+    resolved = resolve_device(device)
+    check_destination(Path(dest), source=ckpt.path, force=force)
+    parse_size(max_shard_size)
+    return ckpt, resolved
+
+
 def load(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
          trust_remote_code: bool = False):
     """Return an eval-mode causal LM for any checkpoint quantkit understands."""

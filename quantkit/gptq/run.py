@@ -19,9 +19,7 @@ from torch import nn
 
 from quantkit.checkpoint import (
     Checkpoint,
-    check_destination,
     folder_size,
-    open_checkpoint,
     parse_size,
 )
 from quantkit.errors import ConfigError, QuantizationError
@@ -39,7 +37,10 @@ from quantkit.gptq.calibrate import (
 from quantkit.gptq.naming import key_renamer
 from quantkit.gptq.pack import check_packable
 from quantkit.gptq.timing import PhaseTimer
-from quantkit.loading import check_remote_code, load_tokenizer, resolve_device
+from quantkit.loading import (
+    load_tokenizer,
+    open_quantization_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +236,9 @@ def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> 
     `quantkit.data.calibration_samples`.
     """
     started = _dt.datetime.now(_dt.timezone.utc)
-    ckpt = open_checkpoint(cfg.source)
-    if ckpt.quantization_config:
-        method = ckpt.quantization_config.get("quant_method", "unknown")
-        raise ConfigError(f"{ckpt.path}: already quantized ({method}); quantize the BF16 "
-                          "checkpoint instead")
-    check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)
-    device = resolve_device(cfg.device)
-    check_destination(Path(cfg.dest), source=ckpt.path, force=cfg.force)
-    parse_size(cfg.max_shard_size)
+    ckpt, device = open_quantization_source(
+        cfg.source, dest=cfg.dest, trust_remote_code=cfg.trust_remote_code, device=cfg.device,
+        force=cfg.force, max_shard_size=cfg.max_shard_size)
     if cfg.max_gpu_memory is not None:
         parse_size(cfg.max_gpu_memory)
     check_seqlen(ckpt, cfg.seqlen)
