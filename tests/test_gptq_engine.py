@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -281,12 +280,14 @@ def test_gptq_halves_the_perplexity_cost_on_the_trained_model():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TRAINED.is_dir(), reason="the tiny trained model is not built yet")
-def test_cpu_quantizes_the_tiny_model_in_under_a_minute(tmp_path, capsys):
-    """Defaults (128 calibration sequences, 4-bit g128), at the model's full 512 context."""
-    start = time.perf_counter()
+def test_cpu_quantizes_the_tiny_model_with_default_calibration(tmp_path, capsys):
+    """Defaults (128 calibration sequences, 4-bit g128), at the model's full 512 context.
+
+    Its time (under a minute on 2 cores) is a benchmark figure, not a test assertion:
+    bench/RESULTS.md records it with the command that measures it.
+    """
     result = run_cli(capsys, "gptq", TRAINED, "--out", tmp_path / "gptq", "--device", "cpu",
                      "--trust-remote-code", "--seqlen", 512)
     assert result.code == 0, result.err
-    assert time.perf_counter() - start < 60
     manifest = json.loads((tmp_path / "gptq" / "quantkit.json").read_text())["gptq"]
     assert manifest["calibration"]["nsamples"] == 128

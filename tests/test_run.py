@@ -43,7 +43,7 @@ def test_demo_recipe_end_to_end(tmp_path):
     header = next(line for line in report.splitlines() if line.startswith("| Precision"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     rows = _table_rows(report)
-    assert set(rows) == {"BF16", "GPTQ 4-bit g128", "RTN 4-bit g128", "NF4", "int8"}
+    assert set(rows) == {"BF16", "GPTQ 4-bit g128", "RTN 4-bit g128", "NF4", "FP4", "int8"}
     evals = {}
     for path in (run_dir / "results").glob("eval-*.json"):
         result = json.loads(path.read_text())
