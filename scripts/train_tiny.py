@@ -11,7 +11,7 @@ repository (bf16, under 10 MB) on calib_data/train, deterministically on CPU:
    back with trust_remote_code, and scored on calib_data/heldout (non-overlapping windows);
 4. TRAINING.md recording the command, time, loss and held-out perplexities.
 
-    python scripts/train_tiny.py --steps 1000 --threads 2 --out quantkit/assets/tiny-baichuan2
+    python scripts/train_tiny.py --steps 2000 --threads 2 --out quantkit/assets/tiny-baichuan2
 
 Every Linear's in-features are a multiple of 128 and out-features a multiple of 32, so
 GPTQ with group size 128 and 2/3/4/8-bit packing apply to all of them.
@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     log_every: int = 20
+    save_every: int = 50
 
 
 def read_split(data: Path, split: str) -> dict[str, str]:
@@ -113,14 +114,41 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                              lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def train(model: torch.nn.Module, streams: dict[str, torch.Tensor], cfg: TrainConfig) -> float:
-    """Run cfg.steps optimizer steps; return the mean train loss of the last 50 steps."""
+@dataclass
+class TrainResult:
+    loss: float  # mean train loss of the last 50 steps
+    seconds: float  # wall time of the optimizer steps, summed over resumed runs
+    resumed: int  # how many times training continued from a saved state
+
+
+def _state_key(cfg: TrainConfig) -> dict:
+    """What a saved state must match to be resumed (paths as text: weights_only loading)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+def train(model: torch.nn.Module, streams: dict[str, torch.Tensor], cfg: TrainConfig,
+          state_path: Path) -> TrainResult:
+    """Run cfg.steps optimizer steps, saving a resumable state every `save_every` steps.
+
+    On a shared machine a long run may be killed; rerunning the same command continues
+    from the saved state (model, optimizer, sampler RNG, step) and ends with exactly the
+    weights an uninterrupted run would have.
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
+    start, recent, seconds, resumed = 0, [], 0.0, 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        if state["config"] == _state_key(cfg):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            start, recent, seconds = state["step"], state["recent"], state["seconds"]
+            resumed = state["resumed"] + 1
+            log.info("resuming from %s at step %d", state_path, start)
     model.train()
-    recent: list[float] = []
-    started = time.perf_counter()
-    for step in range(cfg.steps):
+    started = time.perf_counter() - seconds
+    for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = sample_batch(streams, cfg, gen)
@@ -130,12 +158,20 @@ def train(model: torch.nn.Module, streams: dict[str, torch.Tensor], cfg: TrainCo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         recent = (recent + [loss.item()])[-50:]
+        elapsed = time.perf_counter() - started
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            elapsed = time.perf_counter() - started
             log.info("step %d/%d  loss %.3f  lr %.2e  %.0f tokens/s  %.0fs", step + 1, cfg.steps,
                      loss.item(), lr_at(step, cfg),
-                     (step + 1) * cfg.batch_size * cfg.seqlen / elapsed, elapsed)
-    return sum(recent) / len(recent)
+                     (step + 1 - start) * cfg.batch_size * cfg.seqlen / (elapsed - seconds),
+                     elapsed)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"config": _state_key(cfg), "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+                        "step": step + 1, "recent": recent, "seconds": elapsed,
+                        "resumed": resumed}, tmp)
+            tmp.replace(state_path)
+    return TrainResult(sum(recent) / len(recent), time.perf_counter() - started, resumed)
 
 
 @torch.no_grad()
@@ -153,11 +189,13 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int) -> float:
     return math.exp(total / count)
 
 
-def training_md(cfg: TrainConfig, command: str, n_params: int, size: int, seconds: float,
-                train_loss: float, train_tokens: dict[str, int], ppl: dict[str, float],
+def training_md(cfg: TrainConfig, command: str, n_params: int, size: int, result: TrainResult,
+                train_tokens: dict[str, int], ppl: dict[str, float],
                 heldout_tokens: dict[str, int]) -> str:
     settings = "\n".join(f"| {k} | {v} |" for k, v in asdict(cfg).items()
-                         if k not in ("data", "out"))
+                         if k not in ("data", "out", "save_every"))
+    resumed = ("one uninterrupted run" if result.resumed == 0 else
+               f"resumed {result.resumed} time(s) after interruptions")
     rows = "\n".join(f"| {lang} | {heldout_tokens[lang]:,} | {ppl[lang]:.2f} |"
                      for lang in LANGUAGES)
     return f"""# tiny-baichuan2: how it was made
@@ -173,10 +211,10 @@ Command (from the repository root, {torch.get_num_threads()} CPU threads):
 - parameters: {n_params:,}; folder size on disk: {size / 1e6:.2f} MB (weights in bf16)
 - training: {cfg.steps} steps x {cfg.batch_size} x {cfg.seqlen} tokens
   ({cfg.steps * cfg.batch_size * cfg.seqlen:,} tokens, half zh / half en windows), float32,
-  AdamW, cosine schedule; {seconds / 60:.1f} min wall time for tokenizer and model
-  (torch {torch.__version__})
+  AdamW, cosine schedule; {result.seconds / 60:.1f} min of training wall time on a shared
+  machine (torch {torch.__version__}; {resumed})
 - train tokens available: zh {train_tokens['zh']:,}, en {train_tokens['en']:,}
-- final train loss (mean of the last 50 steps): {train_loss:.3f}
+- final train loss (mean of the last 50 steps): {result.loss:.3f}
 - tokenizer: byte-level BPE, vocab {cfg.vocab_size}, trained on the train split
   (`<unk>`=0, `<s>`=1, `</s>`=2, pad = `</s>`)
 
@@ -197,11 +235,14 @@ Chance level is the vocabulary size ({cfg.vocab_size}).
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "quantkit/assets/tiny-baichuan2")
     parser.add_argument("--data", type=Path, default=REPO / "calib_data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state", type=Path,
+                        default=Path(tempfile.gettempdir()) / "quantkit-train-tiny.state.pt",
+                        help="resumable training state; rerun the same command to continue")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(data=args.data, out=args.out, steps=args.steps, threads=args.threads,
@@ -228,8 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     model = BaichuanForCausalLM(config).float()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s parameters", f"{n_params:,}")
-    train_loss = train(model, streams, cfg)
-    seconds = time.perf_counter() - started
+    result = train(model, streams, cfg, args.state)
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "tiny-baichuan2"
@@ -246,12 +286,13 @@ def main(argv: list[str] | None = None) -> None:
         log.info("held-out perplexity: %s", {k: round(v, 2) for k, v in ppl.items()})
         size = folder_size(folder)
         (folder / "TRAINING.md").write_text(training_md(
-            cfg, command, n_params, size, seconds, train_loss,
+            cfg, command, n_params, size, result,
             {k: len(v) for k, v in streams.items()}, ppl,
             {k: len(v) for k, v in heldout.items()}), encoding="utf-8")
         with atomic_output(cfg.out, force=True) as tmp:
             for path in sorted(folder.iterdir()):
                 shutil.copy2(path, tmp / path.name)
+    args.state.unlink(missing_ok=True)
     log.info("wrote %s (%.2f MB) in %.1f min", cfg.out, size / 1e6,
              (time.perf_counter() - started) / 60)
 

@@ -113,6 +113,6 @@ def test_tiny_trained_model_learned_chinese():
         logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
     vocab = model.config.vocab_size
-    # Chance level is `vocab` (3072); the shipped 300-step model scores about 290 on the whole
-    # zh held-out split (TRAINING.md) and about 309 on this 3,000-character slice.
-    assert math.exp(nll.item()) < vocab / 8
+    # Chance level is `vocab` (3072); the shipped model scores about 101 on the whole zh
+    # held-out split (TRAINING.md) and about 95 on this 3,000-character slice.
+    assert math.exp(nll.item()) < vocab / 10
