@@ -24,8 +24,12 @@ Decoder-layer call (what a layer-streaming quantizer captures once and replays):
 - `past_key_values`: a transformers `Cache` (generation) or None.
 
 A layer returns a plain tensor, the new hidden states.
+
+The models' `forward` takes the cache as `past_key_values` (transformers < 5.24) or as
+`cache` (5.24 renamed it, in `generate` and in model outputs); see `resolve_cache`.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -41,6 +45,23 @@ from transformers.modeling_utils import PreTrainedModel
 from .configuration_baichuan import BaichuanConfig
 
 ROPE_BASE = 10000.0  # Baichuan2-7B's rotary base (its config does not store one)
+# The model outputs' field for the KV cache: `cache` from transformers 5.24, `past_key_values`
+# before. Writing the current name avoids the deprecation path on new versions.
+CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+               else "past_key_values")
+
+
+def resolve_cache(past_key_values, kwargs):
+    """The KV cache under either of its names: `past_key_values`, or `cache` (transformers >= 5.24).
+
+    Newer `generate` passes `cache=`; older versions and older callers pass
+    `past_key_values=`. A forward that read only one name would silently run uncached (and,
+    with left padding, emit different tokens) on the other side of the rename.
+    """
+    cache = kwargs.pop("cache", None)
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return past_key_values if past_key_values is not None else cache
 
 
 class RMSNorm(nn.Module):
@@ -213,6 +234,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -242,7 +264,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
             hidden_states = layer(hidden_states, attention_mask=bias, position_ids=position_ids,
                                   past_key_values=past_key_values)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       past_key_values=past_key_values)
+                                       **{CACHE_FIELD: past_key_values})
 
 
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
@@ -267,6 +289,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache)
@@ -279,4 +302,4 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
                                    labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=outputs.past_key_values)
+                                      **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
