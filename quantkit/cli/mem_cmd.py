@@ -49,13 +49,13 @@ def command(model: Path, device: str, seq_len: int, out: Path | None, dtype: str
     from quantkit.evaluate.provenance import write_result
 
     if out is not None:
-        check_file_destination(out)
+        check_file_destination(out, inputs=[model])
     result = measure_memory(MemConfig(model=model, device=device, seq_len=seq_len, dtype=dtype,
                                       trust_remote_code=trust_remote_code))
     if out is None:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
-    write_result(out, result)
+    write_result(out, result, inputs=[model])
     for line in format_summary(result):
         click.echo(line)
     click.echo(f"wrote {out}")

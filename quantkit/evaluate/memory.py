@@ -35,6 +35,7 @@ from quantkit.evaluate.provenance import (
     versions,
 )
 from quantkit.loading import load, resolve_device
+from quantkit.validate import context_length
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,6 @@ def probe_input(model: nn.Module, seq_len: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, seq_len), generator=generator)
 
 
-def _check_seq_len(model: nn.Module, seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        log.warning("--seq-len %d is longer than the model's context (%d tokens)", seq_len, limit)
-
-
 @torch.inference_mode()
 def _forward(model: nn.Module, ids: torch.Tensor) -> None:
     model(ids.to(model_device(model)))
@@ -112,7 +107,6 @@ def measure_cuda(cfg: MemConfig, device: str) -> tuple[nn.Module, dict]:
     after_load = torch.cuda.memory_allocated(device) - baseline
     peak_load = torch.cuda.max_memory_allocated(device) - baseline
     reserved = torch.cuda.memory_reserved(device)
-    _check_seq_len(model, cfg.seq_len)
     ids = probe_input(model, cfg.seq_len)
     torch.cuda.reset_peak_memory_stats(device)
     _forward(model, ids)
@@ -173,7 +167,6 @@ def measure_cpu(cfg: MemConfig) -> tuple[nn.Module, dict]:
     load_seconds = time.perf_counter() - start
     gc.collect()
     after_load = rss() - before
-    _check_seq_len(model, cfg.seq_len)
     ids = probe_input(model, cfg.seq_len)
     with RssSampler() as sampler:
         _forward(model, ids)
@@ -189,7 +182,11 @@ def measure_memory(cfg: MemConfig) -> dict:
     """The mem result JSON for `cfg.model` (see README: `quantkit mem`)."""
     if cfg.seq_len < 1:
         raise ConfigError(f"--seq-len {cfg.seq_len}: must be at least 1")
-    open_checkpoint(cfg.model)  # a broken folder fails here, before any memory is counted
+    ckpt = open_checkpoint(cfg.model)  # a broken folder fails here, before memory is counted
+    limit = context_length(ckpt.config)
+    if limit is not None and cfg.seq_len > limit:
+        raise ConfigError(f"--seq-len {cfg.seq_len}: longer than the context of {ckpt.path} "
+                          f"({limit} tokens); pass --seq-len {limit} or less")
     started, t0 = utc_now(), time.perf_counter()
     device = resolve_device(cfg.device)
     if device.startswith("cuda"):
