@@ -424,14 +424,15 @@ def overlap(output: str | os.PathLike, input_path: str | os.PathLike) -> str | N
     return None
 
 
-def check_no_overlap(output: str | os.PathLike, inputs: Iterable, flag: str) -> None:
+def check_no_overlap(output: str | os.PathLike, inputs: Iterable, flag: str,
+                     what: str = "input") -> None:
     """Refuse an output that is, is inside or contains one of the inputs."""
     for src in inputs:
         if src is None:
             continue
         how = overlap(output, src)
         if how:
-            raise OutputError(f"{flag} {output}: {how} the input {src}; an output never "
+            raise OutputError(f"{flag} {output}: {how} the {what} {src}; an output never "
                               "overlaps an input, write it elsewhere")
 
 
@@ -630,7 +631,8 @@ def check_destination(dest: Path, *, source: str | os.PathLike | None = None,
     """Refuse an output overlapping an input, an existing one (unless forced and quantkit's
     own), a symlink, or one without a writable parent folder."""
     dest = Path(dest).absolute()
-    check_no_overlap(dest, [source, *inputs], flag)
+    check_no_overlap(dest, [source], flag, "source")
+    check_no_overlap(dest, inputs, flag)
     if dest.is_symlink():
         raise OutputError(f"{flag} {dest}: is a symlink; pass the real folder or a new path")
     if dest.exists() and not force:

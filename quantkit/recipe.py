@@ -51,7 +51,7 @@ from quantkit.checkpoint import (
 )
 from quantkit.errors import CheckpointError, ConfigError, QuantkitError
 from quantkit.interrupts import signals_raise
-from quantkit.secrets import redact, redact_obj
+from quantkit.secrets import RedactFilter, redact, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def _last_artifact(model_paths: dict[str, Path], base: str) -> str:
 def _run_log(run_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactFilter())
+    handler.addFilter(RedactFilter())  # run.log keeps every message, credentials as ***
     root = logging.getLogger()
     root.addHandler(handler)
     old_level = root.level
@@ -416,17 +416,9 @@ def _run_log(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
-class _RedactFilter(logging.Filter):
-    """run.log keeps every message, with credentials replaced by ***."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage()), ()
-        return True
-
-
 def check_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool) -> None:
     """The run folder is new, or a previous run's (it holds run.json), and overlaps no input."""
-    check_no_overlap(run_dir, [recipe.model], "--out")
+    check_no_overlap(run_dir, [recipe.model], "--out", "source model")
     if not run_dir.exists():
         return
     if not (resume or force):

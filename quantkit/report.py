@@ -95,8 +95,8 @@ def _check_values(path: Path, result: dict) -> None:
             for i, value in enumerate(obj):
                 walk(value, f"{where}[{i}]")
 
-    if not isinstance(result["results"], dict) or not all(
-            isinstance(block, dict) for block in result["results"].values()):
+    if not isinstance(result["results"], dict) or (result["kind"] == "eval" and not all(
+            isinstance(block, dict) for block in result["results"].values())):
         raise ConfigError(f"{path}: results is not a mapping of task -> figures; rerun the "
                           "`quantkit eval` or `quantkit mem` that wrote it")
     if result["kind"] == "mem" and result["results"].get("device") not in ("cuda", "cpu"):

@@ -8,6 +8,7 @@ recipe copy, quantkit.json's command line, the one-line error) goes through `red
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -38,6 +39,14 @@ def redact(text: str) -> str:
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+class RedactFilter(logging.Filter):
+    """Attach to a handler: every message it emits has its credentials replaced by ***."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
 
 
 def redact_obj(obj):
