@@ -34,7 +34,7 @@ from quantkit.checkpoint import (
     write_manifest,
 )
 from quantkit.data import calibration_samples
-from quantkit.errors import ConfigError, QuantizationError, require
+from quantkit.errors import CheckpointError, ConfigError, QuantizationError, require
 from quantkit.families import family_for
 from quantkit.loading import (
     load_tokenizer,
@@ -364,8 +364,14 @@ def load_bnb_model(ckpt: Checkpoint, *, device: str = "cpu", trust_remote_code: 
 
     if (ckpt.quantization_config or {}).get("load_in_8bit"):
         quiet_int8_cast_logs()
-    model = AutoModelForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         ckpt.path, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code,
+        output_loading_info=True,
     )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers filled them with random values
+        raise CheckpointError(f"{ckpt.path}: the bnb checkpoint lacks {', '.join(missing[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                              + "; rebuild it with quantkit bnb")
     return model.eval()
 

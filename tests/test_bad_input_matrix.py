@@ -565,3 +565,28 @@ def test_output_modes_follow_the_umask(umask, model, work, capsys):
     for p in files:
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
     assert (work / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_hub_cache_snapshot_links_count_as_inside(model, work, capsys):
+    """The Hugging Face cache stores every file as a link into the repository's blobs/."""
+    repo = work / "hub" / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in model.iterdir():
+        blob = blobs / hashlib.sha256(p.name.encode()).hexdigest()
+        shutil.copy(p, blob)
+        (snap / p.name).symlink_to(os.path.relpath(blob, snap))
+    dest = work / "out"
+    assert run_cli(capsys, "convert", "baichuan2-to-1", snap, dest, "--force").code == 0
+    assert (dest / "tokenizer.json").is_file() and not (dest / "tokenizer.json").is_symlink()
+
+
+@pytest.mark.parametrize("command", ["eval", "mem"])
+def test_missing_tensor_in_a_bnb_artifact(command, model, work, capsys):
+    """Class 9 for quantized folders: transformers would fill the hole with random values."""
+    nf4 = work / "nf4"
+    assert run_cli(capsys, "bnb", model, "--out", nf4, "--nf4", "--device", "cpu").code == 0
+    rewrite_tensors(nf4, lambda t: t.pop("model.norm.weight"))
+    assert_refused(capsys, work, *command_args(command, nf4, work),
+                   fragments=("model.norm.weight",))

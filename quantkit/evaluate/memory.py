@@ -34,8 +34,8 @@ from quantkit.evaluate.provenance import (
     utc_now,
     versions,
 )
-from quantkit.loading import load, resolve_device
-from quantkit.validate import context_length
+from quantkit.loading import check_remote_code, load, resolve_device
+from quantkit.validate import context_length, validate_source
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def measure_cuda(cfg: MemConfig, device: str) -> tuple[nn.Module, dict]:
     baseline = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     model = load(cfg.model, device=device, dtype=cfg.dtype,
-                 trust_remote_code=cfg.trust_remote_code)
+                 trust_remote_code=cfg.trust_remote_code, validate=False)
     torch.cuda.synchronize(device)
     load_seconds = time.perf_counter() - start
     after_load = torch.cuda.memory_allocated(device) - baseline
@@ -163,7 +163,7 @@ def measure_cpu(cfg: MemConfig) -> tuple[nn.Module, dict]:
     before = rss()
     start = time.perf_counter()
     model = load(cfg.model, device="cpu", dtype=cfg.dtype,
-                 trust_remote_code=cfg.trust_remote_code)
+                 trust_remote_code=cfg.trust_remote_code, validate=False)
     load_seconds = time.perf_counter() - start
     gc.collect()
     after_load = rss() - before
@@ -187,6 +187,9 @@ def measure_memory(cfg: MemConfig) -> dict:
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len}: longer than the context of {ckpt.path} "
                           f"({limit} tokens); pass --seq-len {limit} or less")
+    # Validation reads every tensor: done before the baseline, so it is not measured.
+    check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)
+    validate_source(ckpt, trust_remote_code=cfg.trust_remote_code)
     started, t0 = utc_now(), time.perf_counter()
     device = resolve_device(cfg.device)
     if device.startswith("cuda"):
