@@ -124,7 +124,7 @@ def check_expected_tensors(ckpt: Checkpoint, model: nn.Module) -> None:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(
             f"{ckpt.path}: the checkpoint lacks {', '.join(missing[:3])}{more}; transformers "
-            "would fill them with random values, so quantkit stops. Download the checkpoint "
+            "would fill the gap with random values, so quantkit stops. Download the checkpoint "
             "again (every shard) or pass the complete folder")
 
 

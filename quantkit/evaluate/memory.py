@@ -13,6 +13,7 @@ which is exact and is what `quantkit report` tabulates for CPU results.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -40,13 +41,14 @@ from quantkit.validate import context_length, validate_source
 log = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
+DEFAULT_SEQ_LEN = 1024
 
 
 @dataclass(frozen=True)
 class MemConfig:
     model: Path
     device: str = "auto"
-    seq_len: int = 1024
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN, or the model's context if shorter
     dtype: str | None = None
     trust_remote_code: bool = False
 
@@ -180,11 +182,13 @@ def measure_cpu(cfg: MemConfig) -> tuple[nn.Module, dict]:
 
 def measure_memory(cfg: MemConfig) -> dict:
     """The mem result JSON for `cfg.model` (see README: `quantkit mem`)."""
-    if cfg.seq_len < 1:
+    if cfg.seq_len is not None and cfg.seq_len < 1:
         raise ConfigError(f"--seq-len {cfg.seq_len}: must be at least 1")
     ckpt = open_checkpoint(cfg.model)  # a broken folder fails here, before memory is counted
     limit = context_length(ckpt.config)
-    if limit is not None and cfg.seq_len > limit:
+    if cfg.seq_len is None:
+        cfg = dataclasses.replace(cfg, seq_len=min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN))
+    elif limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len}: longer than the context of {ckpt.path} "
                           f"({limit} tokens); pass --seq-len {limit} or less")
     # Validation reads every tensor: done before the baseline, so it is not measured.
