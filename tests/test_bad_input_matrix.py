@@ -423,6 +423,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_a_write_leaves_nothing(sig, model, work):
     """Class 12: SIGTERM (kill, timeout, container stop) is handled like Ctrl-C.
