@@ -34,12 +34,13 @@ from quantkit.checkpoint import (
     write_manifest,
 )
 from quantkit.data import calibration_samples
-from quantkit.errors import ConfigError, QuantizationError, require
+from quantkit.errors import CheckpointError, ConfigError, QuantizationError, require
 from quantkit.families import family_for
 from quantkit.loading import (
     load_tokenizer,
     open_quantization_source,
 )
+from quantkit.validate import meta_model
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +95,6 @@ def module_matches(pattern: str, module_name: str) -> bool:
     """
     return (module_name == pattern or module_name.startswith(pattern + ".")
             or module_name.endswith("." + pattern))
-
-
-def _empty_model(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
-    """The model's module tree on the meta device: names and types, no memory, no weights.
-
-    Buffers go to meta too: remote code may build large ones (ALiBi masks) in __init__.
-    """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=True):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def output_head_name(model: nn.Module, ckpt: Checkpoint) -> str:
@@ -345,7 +333,7 @@ def bnb_quantize(cfg: BnbConfig) -> BnbResult:
     ckpt, device = open_quantization_source(
         cfg.source, dest=cfg.dest, trust_remote_code=cfg.trust_remote_code, device=cfg.device,
         force=cfg.force, max_shard_size=cfg.max_shard_size)
-    skeleton = _empty_model(ckpt, cfg.trust_remote_code)
+    skeleton = meta_model(ckpt, cfg.trust_remote_code)
     skip_modules = resolve_skip_modules(skeleton, ckpt, cfg.skip_modules)
     if not convertible_linears(skeleton, skip_modules):
         raise ConfigError(f"--skip-modules {','.join(skip_modules)}: leaves no nn.Linear layer "
@@ -376,8 +364,14 @@ def load_bnb_model(ckpt: Checkpoint, *, device: str = "cpu", trust_remote_code: 
 
     if (ckpt.quantization_config or {}).get("load_in_8bit"):
         quiet_int8_cast_logs()
-    model = AutoModelForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         ckpt.path, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code,
+        output_loading_info=True,
     )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers filled them with random values
+        raise CheckpointError(f"{ckpt.path}: the bnb checkpoint lacks {', '.join(missing[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                              + "; rebuild it with quantkit bnb")
     return model.eval()
 

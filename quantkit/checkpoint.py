@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -28,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantkit.errors import CheckpointError, OutputError
+from quantkit.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ MANIFEST_NAME = "quantkit.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "qwen.tiktoken")
 
 # Files holding weights in formats we do not read; copying them into an artifact would
 # ship a second, unquantized copy of the model.
@@ -122,7 +127,10 @@ class Checkpoint:
         skip = set(self.weight_files) | {SAFETENSORS_INDEX, BIN_INDEX, MANIFEST_NAME}
         out = []
         for p in sorted(self.path.iterdir()):
-            if p.name in skip or p.name.startswith(".") or not p.is_file():
+            if p.name in skip or p.name.startswith("."):
+                continue
+            check_link_stays_inside(p, self.path)
+            if not p.is_file():
                 continue
             if p.name.endswith(_FOREIGN_WEIGHT_SUFFIXES):
                 log.warning("not copying %s: weights in a format quantkit does not read", p.name)
@@ -153,6 +161,32 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _hub_cache_root(folder: Path) -> Path | None:
+    """`.../models--org--name` when `folder` is a Hugging Face cache snapshot, else None."""
+    real = _real(folder)
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return None
+
+
+def check_link_stays_inside(path: Path, folder: Path) -> None:
+    """Refuse a symlink whose target leaves the model folder.
+
+    Otherwise a link to a token file (or any file of the user's) would be copied into the
+    artifact, listed as verified and uploaded by `push`. Links that stay inside the folder
+    are copied as the files they point to. A Hugging Face cache snapshot's links into the
+    same repository's `blobs/` count as inside: the cache stores every file that way.
+    """
+    if not path.is_symlink():
+        return
+    target = _real(path)
+    roots = [_real(folder)] + [r for r in [_hub_cache_root(folder)] if r is not None]
+    if not any(target == r or r in target.parents for r in roots):
+        raise CheckpointError(f"{path}: a symlink to {target}, outside the model folder; "
+                              "quantkit does not copy files from elsewhere into an output. "
+                              "Replace the link by a copy of the file, or remove it")
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint folder, checking that every weight file it names is there and whole."""
     folder = Path(path)
@@ -181,21 +215,44 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; any other content is one CheckpointError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                              "restore or download the file again") from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start}); restore or "
+                              "download the file again") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(obj).__name__}, not an object "
+                              "({...}); restore or download the file again")
+    return obj
+
+
+def _read_weight_map(path: Path) -> dict[str, str]:
+    """The `weight_map` of a shard index: tensor name -> shard file name (a plain file name)."""
+    weight_map = read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{path}: no usable weight_map (tensor name -> shard file); "
+                              "restore or download the index again")
+    for file_name in set(weight_map.values()):
+        if Path(file_name).name != file_name or file_name in (".", ".."):
+            raise CheckpointError(f"{path}: shard name {file_name!r} is not a file of the "
+                                  "model folder; restore or download the index again")
+    return dict(weight_map)
 
 
 def _find_weights(folder: Path) -> tuple[str, dict[str, str]]:
     if (folder / SAFETENSORS_INDEX).is_file():
-        return "safetensors", dict(read_json(folder / SAFETENSORS_INDEX)["weight_map"])
+        return "safetensors", _read_weight_map(folder / SAFETENSORS_INDEX)
     singles = sorted(folder.glob("*.safetensors"))
     if singles:
         return "safetensors", _map_from_files(folder, singles, "safetensors")
     if (folder / BIN_INDEX).is_file():
-        return "bin", dict(read_json(folder / BIN_INDEX)["weight_map"])
+        return "bin", _read_weight_map(folder / BIN_INDEX)
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         return "bin", _map_from_files(folder, bins, "bin")
@@ -226,17 +283,42 @@ def _check_safetensors_whole(path: Path) -> None:
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(header_len))
-    except (struct.error, ValueError) as exc:
+    except (struct.error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({exc}); download it again"
         ) from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-              default=0)
+    end = _check_header(path, header)
     if 8 + header_len + end > size:
         raise CheckpointError(
             f"{path}: truncated ({size} bytes, header promises {8 + header_len + end}); "
             "download it again"
         )
+
+
+def _check_header(path: Path, header) -> int:
+    """Every entry names a known dtype, a shape and its byte range; returns the data size."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object; download "
+                              "the file again")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]
+                and isinstance(shape, list) and all(isinstance(d, int) and d >= 0
+                                                    for d in shape)):
+            raise CheckpointError(f"{path}: tensor {name} has no valid shape and data_offsets "
+                                  "in the safetensors header; download the file again")
+        dtype = entry.get("dtype")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, which quantkit "
+                                  f"does not read ({', '.join(_SAFETENSORS_DTYPES)})")
+        end = max(end, offsets[1])
+    return end
 
 
 def _safetensors_keys(path: Path) -> list[str]:
@@ -254,15 +336,37 @@ def _open_safetensors(path: Path):
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Load a pickled state dict without executing code (weights_only) and memory-mapped."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise _unsafe_pickle(path) from exc
     except RuntimeError:
         # Legacy (pre-zipfile) pickles cannot be memory-mapped; still weights_only.
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _unsafe_pickle(path) from exc
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read PyTorch weights ({exc})") from exc
+            raise CheckpointError(f"{path}: cannot read PyTorch weights "
+                                  f"({_first_line(exc)}); download it again") from exc
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read PyTorch weights safely ({exc})") from exc
+        raise CheckpointError(f"{path}: cannot read PyTorch weights safely "
+                              f"({_first_line(exc)}); download it again") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors; pass a checkpoint saved "
+                              "with save_pretrained")
+    return state
+
+
+def _unsafe_pickle(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: holds Python objects besides tensors; refused, because "
+                           "loading it could run code. Get a safetensors copy from a source "
+                           "you trust")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- writing
@@ -270,14 +374,18 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5_000_000_000, '2GiB' -> 2*1024**3, 1000 -> 1000 (Hugging Face units)."""
-    if isinstance(size, int):
-        return size
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = f"{size}B"
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.I)
     if not m:
         raise OutputError(f"--max-shard-size {size!r}: use a size like 5GB, 500MB or 2GiB")
     number, prefix, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     base = 1024 if binary else 1000
-    return int(number * base ** " KMGT".index(prefix or " "))
+    value = int(number * base ** " KMGT".index(prefix or " "))
+    if value < 1:
+        raise OutputError(f"--max-shard-size {size!r}: must be more than 0 bytes; use a size "
+                          "like 5GB, 500MB or 2GiB")
+    return value
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
@@ -288,75 +396,263 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- the output rule
+#
+# One rule for every command: an output never overlaps an input (not inside it, not
+# containing it, not the same file, after resolving symlinks and `..`); it appears only
+# when complete (a temporary sibling, then a rename); `--force` replaces only a previous
+# quantkit output; and a full disk is one line naming the folder and the space needed.
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+REPORT_MARK = "<!-- written by quantkit -->"  # ends every markdown/HTML file quantkit writes
+PNG_MARK = b"quantkit"  # in the PNG's Software text chunk
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def overlap(output: str | os.PathLike, input_path: str | os.PathLike) -> str | None:
+    """How `output` overlaps `input_path` ('is', 'is inside', 'contains'), or None."""
+    out, src = _real(output), _real(input_path)
+    if out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        return "is"
+    if src in out.parents:
+        return "is inside"
+    if out in src.parents:
+        return "contains"
+    return None
+
+
+def check_no_overlap(output: str | os.PathLike, inputs: Iterable, flag: str,
+                     what: str = "input") -> None:
+    """Refuse an output that is, is inside or contains one of the inputs."""
+    for src in inputs:
+        if src is None:
+            continue
+        how = overlap(output, src)
+        if how:
+            raise OutputError(f"{flag} {output}: {how} the {what} {src}; an output never "
+                              "overlaps an input, write it elsewhere")
+
+
+def is_quantkit_output(folder: Path) -> bool:
+    """A folder `--force` may replace: one quantkit wrote (it carries quantkit.json)."""
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file() or manifest.is_symlink():
+        return False
+    try:
+        return read_json(manifest).get("tool") == "quantkit"
+    except CheckpointError:
+        return False
+
+
+def is_quantkit_file(path: Path) -> bool:
+    """A result file quantkit may replace: eval/mem JSON, a report, a plot it wrote."""
+    try:
+        if path.suffix == ".png":
+            with open(path, "rb") as f:
+                return PNG_MARK in f.read(4096)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix in (".md", ".html"):
+        return REPORT_MARK in text
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("kind") in ("eval", "mem")
+
+
+def remove_stale_temps(dest: Path) -> None:
+    """Remove `.DEST.tmp-PID-*` (and `.old-`) leftovers of processes that no longer run.
+
+    A SIGKILL or a power cut skips every cleanup; the next run of any command writing
+    next to them takes them away, leaving those of live processes alone.
+    """
+    parent = dest.parent
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if not m or m.group("name") != dest.name or _pid_alive(int(m.group("pid"))):
+            continue
+        log.info("removing %s, left by process %s that is gone", p, m.group("pid"))
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_name(dest: Path, kind: str = "tmp") -> Path:
+    return dest.parent / f".{dest.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC, however the writing library reports it (safetensors, torch, plain OSError)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota" in text:
+        return True
+    # torch.save reports a short write as "unexpected pos ..." without the errno.
+    if isinstance(exc, RuntimeError) and "inline_container" in text:
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < 64 << 20
+    return False
+
+
+def disk_full_error(folder: Path, written: int, needed: int | None) -> OutputError:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 0
+    total = max(needed or 0, written)
+    need = (f"needs about {_mb(total)}" if needed else f"needs more than {_mb(written)}")
+    return OutputError(f"{folder}: no space left on the device; the output {need} and "
+                       f"{_mb(free)} is free; free space or choose another destination "
+                       "(nothing was written)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Files 0666 and folders 0777 minus the umask: safetensors creates its files 0600."""
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output(dest: str | os.PathLike, *, source: str | os.PathLike | None = None,
-                  force: bool = False) -> Iterator[Path]:
+                  inputs: Iterable = (), force: bool = False, flag: str = "--out",
+                  needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `dest` only if the block completes.
 
-    Any exception (Ctrl-C included) removes the temporary folder, so a failed run
-    leaves nothing behind and an existing `dest` is untouched.
+    Any exception (Ctrl-C and SIGTERM included) removes the temporary folder, so a failed
+    run leaves nothing behind and an existing `dest` is untouched.
     """
     dest = Path(dest).absolute()
-    check_destination(dest, source=source, force=force)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    check_destination(dest, source=source, inputs=inputs, force=force, flag=flag)
+    remove_stale_temps(dest)
+    tmp = _temp_name(dest)
     try:
         tmp.mkdir()
     except OSError as exc:
         raise OutputError(f"{dest.parent}: cannot write here ({exc.strerror}); "
-                          "choose another --out") from exc
+                          f"choose another {flag}") from exc
     try:
-        yield tmp
+        try:
+            yield tmp
+            apply_umask(tmp)
+        except Exception as exc:
+            if is_disk_full(exc, dest.parent):
+                raise disk_full_error(dest.parent, _tree_bytes(tmp), needed_bytes) from exc
+            raise
         _replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def check_file_destination(dest: str | os.PathLike, flag: str = "--out") -> Path:
-    """A single output file (result JSON, report): its folder must exist and be writable."""
+def check_file_destination(dest: str | os.PathLike, flag: str = "--out",
+                           inputs: Iterable = ()) -> Path:
+    """A single output file (result JSON, report, plot): not an input, not inside one, in a
+    writable folder, and replacing only a file quantkit wrote."""
     dest = Path(dest).absolute()
+    check_no_overlap(dest, inputs, flag)
     if dest.is_dir():
         raise OutputError(f"{flag} {dest}: is a folder; pass a file path")
     if not dest.parent.is_dir():
         raise OutputError(f"{flag} {dest}: no folder {dest.parent}; create it first")
     if not os.access(dest.parent, os.W_OK):
         raise OutputError(f"{flag} {dest}: {dest.parent} is not writable; choose another path")
+    if dest.is_symlink():
+        raise OutputError(f"{flag} {dest}: is a symlink; pass the path of a new file")
+    if dest.exists() and not is_quantkit_file(dest):
+        raise OutputError(f"{flag} {dest}: exists and is not a file quantkit wrote; quantkit "
+                          "replaces only its own results, so choose another path or remove it")
     return dest
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+def atomic_file(dest: str | os.PathLike, flag: str = "--out", inputs: Iterable = ()
+                ) -> Iterator[Path]:
     """Yield a temporary sibling path; it replaces `dest` only if the block completes."""
-    dest = check_file_destination(dest, flag)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    dest = check_file_destination(dest, flag, inputs)
+    remove_stale_temps(dest)
+    tmp = _temp_name(dest)
     try:
-        yield tmp
+        try:
+            yield tmp
+            apply_umask(tmp)
+        except Exception as exc:
+            if is_disk_full(exc, dest.parent):
+                raise disk_full_error(dest.parent, _tree_bytes(tmp), None) from exc
+            raise
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def check_destination(dest: Path, *, source: str | os.PathLike | None, force: bool) -> None:
-    """Refuse an existing destination (unless forced), one inside the source, or no parent."""
-    dest = Path(dest).absolute().resolve()
-    if source is not None:
-        src = Path(source).absolute().resolve()
-        if dest == src or src in dest.parents:
-            raise OutputError(f"{dest}: is inside the source {src}; write the output elsewhere")
+def check_destination(dest: Path, *, source: str | os.PathLike | None = None,
+                      inputs: Iterable = (), force: bool, flag: str = "--out") -> None:
+    """Refuse an output overlapping an input, an existing one (unless forced and quantkit's
+    own), a symlink, or one without a writable parent folder."""
+    dest = Path(dest).absolute()
+    check_no_overlap(dest, [source], flag, "source")
+    check_no_overlap(dest, inputs, flag)
+    if dest.is_symlink():
+        raise OutputError(f"{flag} {dest}: is a symlink; pass the real folder or a new path")
     if dest.exists() and not force:
-        raise OutputError(f"{dest}: already exists; pass --force to replace it")
+        raise OutputError(f"{flag} {dest}: already exists; pass --force to replace it")
     if dest.exists() and not dest.is_dir():
-        raise OutputError(f"{dest}: exists and is not a folder; choose another --out")
+        raise OutputError(f"{flag} {dest}: exists and is not a folder; choose another {flag}")
+    if dest.exists() and any(dest.iterdir()) and not is_quantkit_output(dest):
+        raise OutputError(f"{flag} {dest}: holds files quantkit did not write (no "
+                          f"{MANIFEST_NAME}); --force replaces only a previous quantkit "
+                          f"output, so choose another {flag} or empty it yourself")
     if not dest.parent.is_dir():
-        raise OutputError(f"{dest.parent}: no such folder; create it or choose another --out")
+        raise OutputError(f"{flag} {dest}: no such folder {dest.parent}; create it first")
     if not os.access(dest.parent, os.W_OK):
-        raise OutputError(f"{dest.parent}: not writable; choose another --out")
+        raise OutputError(f"{flag} {dest}: {dest.parent} is not writable; choose another "
+                          f"{flag}")
 
 
 def _replace_folder(tmp: Path, dest: Path) -> None:
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _temp_name(dest, "old")
         dest.rename(old)
         tmp.rename(dest)
         shutil.rmtree(old, ignore_errors=True)
@@ -458,7 +754,7 @@ def write_manifest(folder: Path, *, source: Checkpoint | None, extra: dict | Non
     manifest = {
         "tool": "quantkit",
         "version": __version__,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         "started": (started or now).isoformat(timespec="seconds"),
         "finished": now.isoformat(timespec="seconds"),
         "source": source_fingerprint(source) if source is not None else None,
@@ -470,6 +766,22 @@ def write_manifest(folder: Path, *, source: Checkpoint | None, extra: dict | Non
     }
     write_json(folder / MANIFEST_NAME, manifest)
     return manifest
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A file of quantkit's own (run state, recipe copy) that is either the old one or the
+    new one, never half of either."""
+    tmp = _temp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
@@ -488,6 +800,7 @@ def write_checkpoint(
     force: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     weight_format: str = "safetensors",
+    flag: str = "--out",
 ) -> Path:
     """Write a whole checkpoint folder atomically.
 
@@ -496,7 +809,9 @@ def write_checkpoint(
     """
     started = _dt.datetime.now(_dt.timezone.utc)
     dest = Path(dest)
-    with atomic_output(dest, source=source.path, force=force) as tmp:
+    needed = sum((source.path / f).stat().st_size for f in source.weight_files)
+    with atomic_output(dest, source=source.path, force=force, flag=flag,
+                       needed_bytes=needed) as tmp:
         copy_non_weight_files(source, tmp)
         writer = ShardedWriter(tmp, max_shard_size=max_shard_size, weight_format=weight_format)
         writer.add_all(tensors)

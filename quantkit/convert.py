@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quantkit.checkpoint import open_checkpoint, write_checkpoint
+from quantkit.checkpoint import check_destination, open_checkpoint, parse_size, write_checkpoint
 from quantkit.describe import UNIT_NORM_TOLERANCE, lm_head_row_norm_deviation
 from quantkit.errors import CheckpointError, ConfigError
 from quantkit.families import is_baichuan2
+from quantkit.validate import validate_source
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ def baichuan2_to_1(cfg: ConvertConfig) -> ConvertResult:
     if LM_HEAD not in ckpt.weight_map:
         raise CheckpointError(f"{ckpt.path}: has no {LM_HEAD} tensor to normalize "
                               "(tied embeddings?)")
+    check_destination(Path(cfg.dest), source=ckpt.path, force=cfg.force, flag="DEST")
+    parse_size(cfg.max_shard_size)
+    validate_source(ckpt, trust_remote_code=False, copies_files=True, build_model=False)
     deviation = lm_head_row_norm_deviation(ckpt.get_tensor(LM_HEAD))
     if deviation < UNIT_NORM_TOLERANCE and not cfg.force:
         return ConvertResult(None, deviation, f"{ckpt.path}: lm_head rows are already unit-norm "
@@ -84,7 +88,7 @@ def baichuan2_to_1(cfg: ConvertConfig) -> ConvertResult:
     dest = write_checkpoint(
         cfg.dest, _converted_tensors(ckpt), source=ckpt, config=config, force=cfg.force,
         max_shard_size=cfg.max_shard_size, weight_format="bin" if cfg.bin_format else
-        "safetensors",
+        "safetensors", flag="DEST",
         manifest_extra={"conversion": {
             "name": CONVERSION_NAME,
             "changed_tensors": [LM_HEAD],

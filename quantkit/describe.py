@@ -30,6 +30,7 @@ class Description:
     shards: dict[str, int]  # file -> bytes
     bytes_on_disk: int
     tied_embeddings: bool
+    lm_head_missing: bool
     remote_code: list[str]
     quantization: dict = field(default_factory=dict)
     baichuan2: dict | None = None
@@ -96,8 +97,11 @@ def describe(ckpt: Checkpoint) -> Description:
         dtypes[str(dtype).removeprefix("torch.")] += 1
     family = family_for(ckpt.config)
     names = set(shapes)
-    tied = bool(ckpt.config.get("tie_word_embeddings")) or (
-        family is not None and f"{family.lm_head}.weight" not in names)
+    # Tied only when the config says so: a head absent without it is a missing tensor.
+    head = f"{family.lm_head}.weight" if family else None
+    tied = ckpt.config.get("tie_word_embeddings") is True
+    head_missing = (family is not None and not tied and head not in names
+                    and not ckpt.quantization_config)
     baichuan2 = None
     if is_baichuan2(ckpt.path, ckpt.config) and "lm_head.weight" in names:
         deviation = lm_head_row_norm_deviation(ckpt.get_tensor("lm_head.weight"))
@@ -117,6 +121,7 @@ def describe(ckpt: Checkpoint) -> Description:
         shards={f: (ckpt.path / f).stat().st_size for f in ckpt.weight_files},
         bytes_on_disk=folder_size(ckpt.path),
         tied_embeddings=tied,
+        lm_head_missing=head_missing,
         remote_code=ckpt.remote_code_files if ckpt.has_remote_code else [],
         quantization=describe_quantization(ckpt),
         baichuan2=baichuan2,
@@ -137,7 +142,9 @@ def format_description(d: Description) -> str:
         f"dtypes:          {', '.join(f'{k} x{v}' for k, v in sorted(d.dtypes.items()))}",
         f"on disk:         {size(d.bytes_on_disk)} in {len(d.shards)} weight file(s)",
         *[f"  {name}: {size(n)}" for name, n in d.shards.items()],
-        f"tied embeddings: {'yes' if d.tied_embeddings else 'no'}",
+        f"tied embeddings: {'yes' if d.tied_embeddings else 'no'}"
+        + (" (and lm_head.weight is MISSING: the checkpoint is incomplete)"
+           if d.lm_head_missing else ""),
         f"remote code:     {', '.join(d.remote_code) if d.remote_code else 'none'}",
         f"quantization:    {quant}",
     ]

@@ -38,6 +38,7 @@ from pathlib import Path
 from quantkit import card
 from quantkit.checkpoint import (
     MANIFEST_NAME,
+    TOKENIZER_FILES,
     open_checkpoint,
     read_json,
     read_manifest,
@@ -60,8 +61,6 @@ RETRIES = 2  # extra attempts of the access check after a network error or a 5xx
 MIN_UPLOAD_RATE = 256 * 1024  # bytes per second
 # Files that may sit in an artifact without being in quantkit.json: the card material.
 UNLISTED_OK = ("README.md", "report.md")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "qwen.tiktoken")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # Tensor-name endings that only quantized checkpoints have.
 _GPTQ_MARKERS = (".qweight", ".qzeros", ".g_idx")
@@ -134,8 +133,12 @@ class PushResult:
 def verify_artifact(path: str | os.PathLike) -> Artifact:
     """Check every file against quantkit.json and that the folder is what it claims to be."""
     folder = Path(path)
+    if folder.is_file():
+        raise CheckpointError(f"{folder}: is a file; pass the artifact folder (the one "
+                              f"holding {MANIFEST_NAME}) to push")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; pass the artifact folder to push")
+    _check_no_links(folder)
     manifest = read_manifest(folder)
     if manifest is None:
         raise CheckpointError(
@@ -156,6 +159,17 @@ def verify_artifact(path: str | os.PathLike) -> Artifact:
     _check_tokenizer(folder)
     return Artifact(path=folder, config=config, manifest=manifest, files=files,
                     quant_method=method)
+
+
+def _check_no_links(folder: Path) -> None:
+    """quantkit never writes symlinks; one in an artifact could upload any file of the user's."""
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            p = Path(root) / name
+            if p.is_symlink():
+                raise CheckpointError(f"{p}: a symlink (to {os.readlink(p)}); push uploads "
+                                      "only files quantkit wrote, so replace it by the file "
+                                      "or rebuild the artifact")
 
 
 def _check_unlisted(folder: Path, listed: dict) -> None:

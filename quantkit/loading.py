@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from quantkit.checkpoint import open_checkpoint
+from quantkit.checkpoint import TOKENIZER_FILES, open_checkpoint, read_json
 from quantkit.errors import CheckpointError, ConfigError
+from quantkit.validate import validate_source
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,21 @@ def resolve_device(device: str) -> str:
 
 
 def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None:
-    """Remote code runs only when the user said so; say which flag to pass otherwise."""
-    if config.get("auto_map") and not trust_remote_code:
+    """Remote code runs only when the user said so; say which flag to pass otherwise.
+
+    The tokenizer can name code of its own in tokenizer_config.json alone.
+    """
+    if trust_remote_code:
+        return
+    if config.get("auto_map"):
         raise ConfigError(
             f"{path}: the model ships its own code (auto_map in config.json); "
+            "review it, then pass --trust-remote-code"
+        )
+    tokenizer_config = Path(path) / "tokenizer_config.json"
+    if tokenizer_config.is_file() and read_json(tokenizer_config).get("auto_map"):
+        raise ConfigError(
+            f"{path}: the tokenizer ships its own code (auto_map in tokenizer_config.json); "
             "review it, then pass --trust-remote-code"
         )
 
@@ -54,7 +66,8 @@ def open_quantization_source(source: str | os.PathLike, *, dest: str | os.PathLi
                              trust_remote_code: bool, device: str, force: bool,
                              max_shard_size: str):
     """Checks every quantizer makes before any work: an unquantized source, remote code
-    allowed, a usable device and destination. Returns the opened checkpoint and device."""
+    allowed, a usable device and destination, a valid source (see `validate`). Returns the
+    opened checkpoint and device."""
     from quantkit.checkpoint import check_destination, parse_size
 
     ckpt = open_checkpoint(source)
@@ -66,15 +79,22 @@ def open_quantization_source(source: str | os.PathLike, *, dest: str | os.PathLi
     resolved = resolve_device(device)
     check_destination(Path(dest), source=ckpt.path, force=force)
     parse_size(max_shard_size)
+    check_tokenizer_files(ckpt.path)
+    validate_source(ckpt, trust_remote_code=trust_remote_code, copies_files=True)
     return ckpt, resolved
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
-         trust_remote_code: bool = False):
-    """Return an eval-mode causal LM for any checkpoint quantkit understands."""
+         trust_remote_code: bool = False, validate: bool = True):
+    """Return an eval-mode causal LM for any checkpoint quantkit understands.
+
+    The checkpoint is validated first (`validate=False` when the caller already did).
+    """
     ckpt = open_checkpoint(path)
     check_remote_code(ckpt.path, ckpt.config, trust_remote_code)
     device = resolve_device(device)
+    if validate:
+        validate_source(ckpt, trust_remote_code=trust_remote_code)
     method = (ckpt.quantization_config or {}).get("quant_method")
     if method == "gptq":
         from quantkit.gptq.qlinear import load_gptq_model
@@ -105,7 +125,25 @@ def load_plain_model(path: Path, *, device: str = "cpu", dtype=None,
     return model.to(device)
 
 
+def check_tokenizer_files(path: str | os.PathLike) -> None:
+    """A folder without tokenizer files makes transformers blame a missing package."""
+    folder = Path(path)
+    if any((folder / name).is_file() for name in TOKENIZER_FILES) or any(
+            folder.glob("*.tiktoken")) or any(folder.glob("*tokenizer*.model")):
+        return
+    raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                          "...); copy them from the model this one was made from")
+
+
 def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_tokenizer_files(path)
+    check_remote_code(Path(path), {}, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({first}); check the "
+                              "tokenizer files") from exc

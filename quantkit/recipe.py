@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import os
-import signal
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +41,17 @@ from pathlib import Path
 import click
 import yaml
 
-from quantkit.checkpoint import MANIFEST_NAME, read_json, sha256_file, write_json
-from quantkit.errors import ConfigError, QuantkitError
+from quantkit.checkpoint import (
+    MANIFEST_NAME,
+    check_no_overlap,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
+from quantkit.errors import CheckpointError, ConfigError, QuantkitError
+from quantkit.interrupts import signals_raise
+from quantkit.secrets import RedactFilter, redact, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,7 @@ STEP_META_KEYS = ("step", "name", "input", "models")
 # Arguments the runner fills in itself; a recipe that sets them would fight the run folder.
 RUNNER_OWNED = {"out", "force", "source", "dest", "path", "model", "results", "kind_arg"}
 STATE_FILE = "run.json"
+STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class RecipeError(ConfigError):
@@ -119,6 +129,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: no such recipe file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as "
+                          "UTF-8") from exc
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
     if not isinstance(raw, dict):
@@ -131,6 +144,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: needs model: (the source checkpoint folder)")
     if not raw.get("steps"):
         raise RecipeError(f"{path}: needs a non-empty steps: list")
+    if not isinstance(raw["steps"], list):
+        raise RecipeError(f"{path}: steps: must be a list of steps (- step: gptq ...), "
+                          f"not {type(raw['steps']).__name__} {raw['steps']!r}")
+    if not isinstance(raw["model"], str | os.PathLike) or not str(raw["model"]).strip():
+        raise RecipeError(f"{path}: model: must be the path of the source checkpoint folder")
     model = Path(os.path.expanduser(str(raw["model"])))
     if not model.is_absolute():
         model = (path.parent / model).resolve()
@@ -151,13 +169,17 @@ def _parse_step(path: Path, index: int, raw_step) -> Step:
     if kind not in STEP_TYPES:
         raise RecipeError(f"{where}: unknown step {kind!r}{_closest(kind, STEP_TYPES)} "
                           f"(steps: {', '.join(STEP_TYPES)})")
+    name = str(raw_step.get("name") or kind)
+    if not STEP_NAME.fullmatch(name) or name in (".", ".."):
+        raise RecipeError(f"{where}: name {name!r}: use letters, digits, '.', '_' and '-' "
+                          "only (it names a folder inside the run folder)")
     settings = {k: v for k, v in raw_step.items() if k not in STEP_META_KEYS}
     models = raw_step.get("models")
     if models is not None and kind not in RESULT_STEPS:
         raise RecipeError(f"{where}: models: applies to eval and mem steps only")
     if raw_step.get("input") is not None and kind in ("report",):
         raise RecipeError(f"{where}: report takes no input:; it reads every result of the run")
-    return Step(type=kind, name=str(raw_step.get("name") or kind), settings=settings,
+    return Step(type=kind, name=name, settings=settings,
                 input=raw_step.get("input"),
                 models=[str(m) for m in models] if models is not None else None)
 
@@ -283,7 +305,16 @@ class RunState:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / STATE_FILE
-        self.data = read_json(self.path) if self.path.is_file() else {"done": {}}
+        self.data = {"done": {}}
+        if self.path.is_file():
+            try:
+                self.data = read_json(self.path)
+            except CheckpointError as exc:
+                raise RecipeError(f"{exc}; it records which steps finished: delete it and "
+                                  "rerun with --force to run every step again") from exc
+            if not isinstance(self.data.get("done"), dict):
+                raise RecipeError(f"{self.path}: has no \"done\" record of finished steps; "
+                                  "delete it and rerun with --force to run every step again")
 
     def is_done(self, inv: Invocation) -> bool:
         entry = self.data["done"].get(inv.label)
@@ -294,9 +325,10 @@ class RunState:
     def mark_done(self, inv: Invocation) -> None:
         self.data["done"][inv.label] = {"fingerprint": _fingerprint(inv.args),
                                         "outputs": [str(p) for p in inv.outputs]}
-        tmp = self.path.with_suffix(".json.partial")
-        write_json(tmp, self.data)
-        tmp.replace(self.path)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
 
 
 def plan(recipe: Recipe, run_dir: Path) -> list[Invocation]:
@@ -371,6 +403,7 @@ def _last_artifact(model_paths: dict[str, Path], base: str) -> str:
 def _run_log(run_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactFilter())  # run.log keeps every message, credentials as ***
     root = logging.getLogger()
     root.addHandler(handler)
     old_level = root.level
@@ -383,35 +416,38 @@ def _run_log(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
-@contextlib.contextmanager
-def _sigint_raises() -> Iterator[None]:
-    """Ctrl-C (or SIGINT from a supervisor) must unwind through the atomic writers."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def check_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool) -> None:
+    """The run folder is new, or a previous run's (it holds run.json), and overlaps no input."""
+    check_no_overlap(run_dir, [recipe.model], "--out", "source model")
+    if not run_dir.exists():
+        return
+    if not (resume or force):
+        raise ConfigError(f"{run_dir}: already exists; pass --resume to finish it or --force "
+                          "to run every step again")
+    if not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: exists and is not a folder; choose another --out")
+    if any(run_dir.iterdir()) and not (run_dir / STATE_FILE).is_file():
+        raise ConfigError(f"--out {run_dir}: holds files but no {STATE_FILE}, so it is not a "
+                          "quantkit run folder; --resume and --force reuse only run folders, "
+                          "choose another --out")
 
 
 def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False,
                force: bool = False) -> list[Path]:
     """Run every step into `run_dir`; return the outputs. Stops at the first failing step."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not (resume or force):
-        raise ConfigError(f"{run_dir}: already exists; pass --resume to finish it or --force "
-                          "to run every step again")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "models").mkdir(exist_ok=True)
-    (run_dir / "results").mkdir(exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.raw, allow_unicode=True,
-                                                        sort_keys=False), encoding="utf-8")
-    state = RunState(run_dir)
+    check_run_dir(recipe, run_dir, resume=resume, force=force)
+    state = RunState(run_dir)  # a corrupt run.json fails before anything is written
     if force and not resume:
         state.data = {"done": {}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state.save()
+    (run_dir / "models").mkdir(exist_ok=True)
+    (run_dir / "results").mkdir(exist_ok=True)
+    copy = yaml.safe_dump(redact_obj(recipe.raw), allow_unicode=True, sort_keys=False)
+    write_text_atomic(run_dir / "recipe.yaml", copy)
     outputs: list[Path] = []
-    with _run_log(run_dir), _sigint_raises():
+    with _run_log(run_dir), signals_raise():
         log.info("recipe %s -> %s", recipe.path, run_dir)
         for inv in plan(recipe, run_dir):
             if resume and state.is_done(inv):
@@ -423,10 +459,12 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = Fal
                 _command(inv.step.type).main(args=inv.args, prog_name=f"quantkit {inv.step.type}",
                                              standalone_mode=False)
             except QuantkitError as exc:
-                raise QuantkitError(f"step {inv.label!r} failed: {exc} (earlier outputs are "
-                                    f"kept in {run_dir}; fix it and rerun with --resume)") from exc
+                raise QuantkitError(redact(
+                    f"step {inv.label!r} failed: {exc} (earlier outputs are kept in {run_dir}; "
+                    "fix it and rerun with --resume)")) from exc
             except click.ClickException as exc:
-                raise QuantkitError(f"step {inv.label!r} failed: {exc.format_message()}") from exc
+                raise QuantkitError(redact(f"step {inv.label!r} failed: "
+                                           f"{exc.format_message()}")) from exc
             state.mark_done(inv)
             outputs += inv.outputs
         log.info("run complete: %s", run_dir)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.checkpoint import atomic_file, check_file_destination
+from quantkit.checkpoint import PNG_MARK, REPORT_MARK, atomic_file, check_file_destination
 from quantkit.errors import ConfigError, require
 from quantkit.evaluate.provenance import precision_label
 
@@ -68,7 +69,41 @@ def read_result(path: str | os.PathLike) -> dict:
     if not isinstance(result, dict) or result.get("kind") not in ("eval", "mem") \
             or not isinstance(result.get("model"), dict) or "results" not in result:
         raise ConfigError(f"{path}: not a `quantkit eval` or `quantkit mem` result")
+    _check_values(path, result)
     return result
+
+
+_NUMERIC_KEYS = {"ppl", "tokens", "windows", "mean", "median", "p99", "max", "same_top1",
+                 "average", "questions", "weight_bytes", "bytes_on_disk"}
+
+
+def _check_values(path: Path, result: dict) -> None:
+    """The figures a table shows are finite numbers, so a damaged result fails in one line."""
+    def walk(obj, where: str) -> None:
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                here = f"{where}.{key}"
+                if isinstance(value, dict | list):
+                    walk(value, here)
+                elif key in _NUMERIC_KEYS or str(key).endswith(("_gib", "_seconds")):
+                    number = isinstance(value, int | float) and not isinstance(value, bool)
+                    if value is not None and (not number or not math.isfinite(value)):
+                        raise ConfigError(f"{path}: {here} is {value!r}, not a finite number; "
+                                          "rerun the `quantkit eval` or `quantkit mem` that "
+                                          "wrote it")
+        elif isinstance(obj, list):
+            for i, value in enumerate(obj):
+                walk(value, f"{where}[{i}]")
+
+    if not isinstance(result["results"], dict) or (result["kind"] == "eval" and not all(
+            isinstance(block, dict) for block in result["results"].values())):
+        raise ConfigError(f"{path}: results is not a mapping of task -> figures; rerun the "
+                          "`quantkit eval` or `quantkit mem` that wrote it")
+    if result["kind"] == "mem" and result["results"].get("device") not in ("cuda", "cpu"):
+        raise ConfigError(f"{path}: results.device is {result['results'].get('device')!r}; "
+                          "rerun the `quantkit mem` that wrote it")
+    walk(result["results"], "results")
+    walk({k: v for k, v in result["model"].items() if k in _NUMERIC_KEYS}, "model")
 
 
 def collect_rows(results: Sequence[dict]) -> list[ModelRow]:
@@ -369,7 +404,7 @@ def plot_series(rows: Sequence[ModelRow]) -> tuple[str, dict[str, list[tuple[flo
     return "KL divergence from the base", {"KLD": points}
 
 
-def write_plot(rows: Sequence[ModelRow], dest: Path) -> None:
+def write_plot(rows: Sequence[ModelRow], dest: Path, inputs: Sequence[Path] = ()) -> None:
     """memory (x) against accuracy change (y), one marker per model and benchmark."""
     require("matplotlib", "plot")
     from matplotlib.figure import Figure
@@ -392,32 +427,35 @@ def write_plot(rows: Sequence[ModelRow], dest: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_file(dest, "--plot") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    with atomic_file(dest, "--plot", inputs=inputs) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": PNG_MARK.decode()})
 
 
 def write_report(cfg: ReportConfig) -> list[Path]:
     """Write report.md (and report.html, the chart); return what was written."""
     rows = collect_rows([read_result(p) for p in cfg.results])
     html_path = cfg.out.with_suffix(".html") if cfg.html else None
-    check_file_destination(cfg.out)
-    if html_path is not None:
-        check_file_destination(html_path, "--html")
+    outputs = [(cfg.out, "--out"), (html_path, "--html"), (cfg.plot, "--plot")]
+    outputs = [(path, flag) for path, flag in outputs if path is not None]
+    for i, (path, flag) in enumerate(outputs):
+        others = [other for j, (other, _) in enumerate(outputs) if j != i]
+        check_file_destination(path, flag, inputs=[*cfg.results, *others])
     if cfg.plot is not None:
-        check_file_destination(cfg.plot, "--plot")
         require("matplotlib", "plot")
         plot_series(rows)  # fail before writing anything
     written = []
     if cfg.plot is not None:
-        write_plot(rows, cfg.plot)
+        write_plot(rows, cfg.plot, cfg.results)
         written.append(cfg.plot)
     plot_ref = _relative(cfg.plot, cfg.out) if cfg.plot is not None else None
-    with atomic_file(cfg.out) as tmp:
-        tmp.write_text(render_markdown(rows, cfg.title, plot_ref), encoding="utf-8")
+    with atomic_file(cfg.out, inputs=cfg.results) as tmp:
+        tmp.write_text(render_markdown(rows, cfg.title, plot_ref) + REPORT_MARK + "\n",
+                       encoding="utf-8")
     written.append(cfg.out)
     if html_path is not None:
-        with atomic_file(html_path, "--html") as tmp:
-            tmp.write_text(render_html(rows, cfg.title, plot_ref), encoding="utf-8")
+        with atomic_file(html_path, "--html", inputs=cfg.results) as tmp:
+            tmp.write_text(render_html(rows, cfg.title, plot_ref) + REPORT_MARK + "\n",
+                           encoding="utf-8")
         written.append(html_path)
     return written
 

@@ -112,6 +112,7 @@ def test_force_replaces_existing_only_on_success(tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "old.txt").write_text("keep me")
+    (dest / "quantkit.json").write_text('{"tool": "quantkit"}')  # a previous quantkit output
     with pytest.raises(OutputError, match="--force"):
         with atomic_output(dest):
             pass
@@ -179,7 +180,7 @@ def test_unwritable_destination(capsys, tmp_path, tiny_model):
     parent = unwritable_dir(tmp_path)
     result = run_cli(capsys, "convert", "baichuan2-to-1", tiny_model("llama"), parent / "out",
                      "--force")
-    assert_one_line_error(result, str(parent), "choose another --out")
+    assert_one_line_error(result, str(parent), "choose another DEST")
     assert not (parent / "out").exists()
 
 

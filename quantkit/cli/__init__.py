@@ -74,23 +74,37 @@ def cli(verbose: bool, quiet: bool) -> None:
     configure_logging(verbose=verbose, quiet=quiet)
 
 
+def error_line(message: str) -> str:
+    """One `error:` line: library messages can span lines, and must not leak secrets."""
+    from quantkit.secrets import redact
+
+    return "error: " + "; ".join(part.strip() for part in redact(str(message)).splitlines()
+                                 if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    """Console entry point: user mistakes become one line on stderr and exit code 2.
+
+    SIGTERM is handled like Ctrl-C: the atomic writers remove their partial output.
+    """
+    from quantkit.interrupts import Terminated, signals_raise
+
     try:
-        cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
+        with signals_raise():
+            cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except QuantkitError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(error_line(str(exc)), err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.Abort:
-        click.echo("error: interrupted; no partial output was left behind", err=True)
+    except Terminated:
+        click.echo("error: terminated (SIGTERM); no partial output was left behind", err=True)
         return 2
-    except KeyboardInterrupt:
+    except (click.Abort, KeyboardInterrupt):
         click.echo("error: interrupted; no partial output was left behind", err=True)
         return 2
     except click.ClickException as exc:
-        exc.show()
+        click.echo(error_line(exc.format_message()), err=True)
         return 2
     logging.shutdown()
     return 0

@@ -28,15 +28,16 @@ def format_summary(result: dict) -> list[str]:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True)
-@click.option("--seq-len", type=int, default=1024, show_default=True,
-              help="Tokens in the forward pass whose peak is measured.")
+@click.option("--seq-len", type=int, default=None,
+              help="Tokens in the forward pass whose peak is measured. "
+                   "[default: 1024, or the model's context if shorter]")
 @click.option("--out", type=click.Path(path_type=Path), metavar="FILE.json",
               help="Write the result JSON here (atomically); default: print it.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None,
               help="Unquantized models only. [default: as stored]")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model's own Python code (Baichuan2, ...).")
-def command(model: Path, device: str, seq_len: int, out: Path | None, dtype: str | None,
+def command(model: Path, device: str, seq_len: int | None, out: Path | None, dtype: str | None,
             trust_remote_code: bool) -> None:
     """Memory after loading MODEL and at peak during one forward pass.
 
@@ -49,13 +50,13 @@ def command(model: Path, device: str, seq_len: int, out: Path | None, dtype: str
     from quantkit.evaluate.provenance import write_result
 
     if out is not None:
-        check_file_destination(out)
+        check_file_destination(out, inputs=[model])
     result = measure_memory(MemConfig(model=model, device=device, seq_len=seq_len, dtype=dtype,
                                       trust_remote_code=trust_remote_code))
     if out is None:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
-    write_result(out, result)
+    write_result(out, result, inputs=[model])
     for line in format_summary(result):
         click.echo(line)
     click.echo(f"wrote {out}")

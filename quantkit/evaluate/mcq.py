@@ -228,6 +228,9 @@ def resolve_data_dirs(values: Sequence[str], benches: Sequence[str]) -> dict[str
     plain = []
     for value in values:
         name, sep, path = value.partition("=")
+        if sep and name not in BENCHMARKS and not Path(value).exists():
+            raise ConfigError(f"--data-dir {value}: {name!r} is not a benchmark; use BENCH=PATH "
+                              f"with BENCH one of {', '.join(BENCHMARKS)}")
         if sep and name in BENCHMARKS:
             if name not in benches:
                 raise ConfigError(f"--data-dir {value}: {name} is not in --tasks")

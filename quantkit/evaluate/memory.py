@@ -13,6 +13,7 @@ which is exact and is what `quantkit report` tabulates for CPU results.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -34,18 +35,20 @@ from quantkit.evaluate.provenance import (
     utc_now,
     versions,
 )
-from quantkit.loading import load, resolve_device
+from quantkit.loading import check_remote_code, load, resolve_device
+from quantkit.validate import context_length, validate_source
 
 log = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
+DEFAULT_SEQ_LEN = 1024
 
 
 @dataclass(frozen=True)
 class MemConfig:
     model: Path
     device: str = "auto"
-    seq_len: int = 1024
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN, or the model's context if shorter
     dtype: str | None = None
     trust_remote_code: bool = False
 
@@ -87,12 +90,6 @@ def probe_input(model: nn.Module, seq_len: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, seq_len), generator=generator)
 
 
-def _check_seq_len(model: nn.Module, seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        log.warning("--seq-len %d is longer than the model's context (%d tokens)", seq_len, limit)
-
-
 @torch.inference_mode()
 def _forward(model: nn.Module, ids: torch.Tensor) -> None:
     model(ids.to(model_device(model)))
@@ -106,13 +103,12 @@ def measure_cuda(cfg: MemConfig, device: str) -> tuple[nn.Module, dict]:
     baseline = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     model = load(cfg.model, device=device, dtype=cfg.dtype,
-                 trust_remote_code=cfg.trust_remote_code)
+                 trust_remote_code=cfg.trust_remote_code, validate=False)
     torch.cuda.synchronize(device)
     load_seconds = time.perf_counter() - start
     after_load = torch.cuda.memory_allocated(device) - baseline
     peak_load = torch.cuda.max_memory_allocated(device) - baseline
     reserved = torch.cuda.memory_reserved(device)
-    _check_seq_len(model, cfg.seq_len)
     ids = probe_input(model, cfg.seq_len)
     torch.cuda.reset_peak_memory_stats(device)
     _forward(model, ids)
@@ -169,11 +165,10 @@ def measure_cpu(cfg: MemConfig) -> tuple[nn.Module, dict]:
     before = rss()
     start = time.perf_counter()
     model = load(cfg.model, device="cpu", dtype=cfg.dtype,
-                 trust_remote_code=cfg.trust_remote_code)
+                 trust_remote_code=cfg.trust_remote_code, validate=False)
     load_seconds = time.perf_counter() - start
     gc.collect()
     after_load = rss() - before
-    _check_seq_len(model, cfg.seq_len)
     ids = probe_input(model, cfg.seq_len)
     with RssSampler() as sampler:
         _forward(model, ids)
@@ -187,9 +182,18 @@ def measure_cpu(cfg: MemConfig) -> tuple[nn.Module, dict]:
 
 def measure_memory(cfg: MemConfig) -> dict:
     """The mem result JSON for `cfg.model` (see README: `quantkit mem`)."""
-    if cfg.seq_len < 1:
+    if cfg.seq_len is not None and cfg.seq_len < 1:
         raise ConfigError(f"--seq-len {cfg.seq_len}: must be at least 1")
-    open_checkpoint(cfg.model)  # a broken folder fails here, before any memory is counted
+    ckpt = open_checkpoint(cfg.model)  # a broken folder fails here, before memory is counted
+    limit = context_length(ckpt.config)
+    if cfg.seq_len is None:
+        cfg = dataclasses.replace(cfg, seq_len=min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN))
+    elif limit is not None and cfg.seq_len > limit:
+        raise ConfigError(f"--seq-len {cfg.seq_len}: longer than the context of {ckpt.path} "
+                          f"({limit} tokens); pass --seq-len {limit} or less")
+    # Validation reads every tensor: done before the baseline, so it is not measured.
+    check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)
+    validate_source(ckpt, trust_remote_code=cfg.trust_remote_code)
     started, t0 = utc_now(), time.perf_counter()
     device = resolve_device(cfg.device)
     if device.startswith("cuda"):

@@ -94,8 +94,9 @@ def timestamp(moment: _dt.datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def write_result(path: str | os.PathLike, result: dict) -> Path:
-    """Write a result JSON atomically: a crash or Ctrl-C never leaves half a file."""
-    with atomic_file(path) as tmp:
+def write_result(path: str | os.PathLike, result: dict, inputs=()) -> Path:
+    """Write a result JSON atomically: a crash or Ctrl-C never leaves half a file; it never
+    lands on or inside one of `inputs` (the measured model folders, the text)."""
+    with atomic_file(path, inputs=inputs) as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return Path(path)

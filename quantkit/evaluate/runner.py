@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from quantkit.checkpoint import check_file_destination, open_checkpoint
-from quantkit.errors import ConfigError
+from quantkit.errors import ConfigError, QuantizationError
 from quantkit.evaluate import TASKS
 from quantkit.evaluate.kld import KldTotal
 from quantkit.evaluate.mcq import (
@@ -41,6 +42,7 @@ from quantkit.evaluate.provenance import (
     write_result,
 )
 from quantkit.loading import check_remote_code, load, load_tokenizer, resolve_device
+from quantkit.validate import validate_source
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,12 @@ def _check_config(cfg: EvalConfig) -> None:
             raise ConfigError(f"{flag} {value}: must be at least {low}")
     if cfg.text is not None and not Path(cfg.text).is_file():
         raise ConfigError(f"--text {cfg.text}: no such file; pass a UTF-8 text file")
-    check_file_destination(cfg.out)
+    check_file_destination(cfg.out, inputs=_inputs(cfg))
+
+
+def _inputs(cfg: EvalConfig) -> list[Path]:
+    """What eval reads; its --out may be none of them, nor inside one."""
+    return [p for p in (cfg.model, cfg.base, cfg.text) if p is not None]
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -201,6 +208,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     for path in (cfg.model, cfg.base) if use_base else (cfg.model,):
         ckpt = open_checkpoint(path)  # a broken folder or unreviewed remote code fails now,
         check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)  # not after an hour
+        validate_source(ckpt, trust_remote_code=cfg.trust_remote_code)
     benches = [t for t in tasks if t in BENCHMARKS]
     data_dirs = resolve_data_dirs(cfg.data_dirs, benches)
     subject_sets = {b: load_benchmark(BENCHMARKS[b], data_dirs[b], shots=cfg.shots,
@@ -210,7 +218,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     texts = heldout_texts(cfg, tokenizer, use_base) if {"ppl", "kld"} & set(tasks) else {}
 
     model = load(cfg.model, device=device, dtype=cfg.dtype,
-                 trust_remote_code=cfg.trust_remote_code)
+                 trust_remote_code=cfg.trust_remote_code, validate=False)
     settings: dict = {"tasks": list(tasks), "device": device, "dtype": cfg.dtype,
                       "batch_size": cfg.batch_size}
     results: dict = {}
@@ -219,7 +227,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         if use_base:  # the base against itself (recipes measure every model): load it once
             same = Path(cfg.base).resolve() == Path(cfg.model).resolve()
             base = model if same else load(cfg.base, device=device, dtype=cfg.dtype,
-                                           trust_remote_code=cfg.trust_remote_code)
+                                           trust_remote_code=cfg.trust_remote_code,
+                                           validate=False)
         text_out, text_settings = text_results(cfg, tasks, model, base, texts)
         results.update(text_out)
         settings.update(text_settings)
@@ -246,8 +255,20 @@ def run_eval(cfg: EvalConfig) -> dict:
         "finished": timestamp(utc_now()),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_result(cfg.out, result)
+    check_finite_results(results, cfg)
+    write_result(cfg.out, result, inputs=_inputs(cfg))
     return result
+
+
+def check_finite_results(results: dict, cfg: EvalConfig) -> None:
+    """A NaN perplexity is a broken model or dtype, never a figure to publish."""
+    for task in ("ppl", "kld"):
+        for split, block in results.get(task, {}).items():
+            value = block.get("ppl" if task == "ppl" else "mean")
+            if value is not None and not math.isfinite(value):
+                raise QuantizationError(
+                    f"{cfg.model}: {task} on {split} is {value}; the model's logits are not "
+                    "finite (try --dtype fp32), so no result was written")
 
 
 def _is_sample(path: Path) -> bool:

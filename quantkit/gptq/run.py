@@ -41,6 +41,7 @@ from quantkit.loading import (
     load_tokenizer,
     open_quantization_source,
 )
+from quantkit.validate import context_length
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +116,6 @@ class GPTQResult:
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def context_length(config: dict) -> int | None:
-    for key in ("max_position_embeddings", "model_max_length", "seq_length", "n_positions"):
-        if config.get(key):
-            return int(config[key])
-    return None
 
 
 def check_seqlen(ckpt: Checkpoint, seqlen: int) -> None:

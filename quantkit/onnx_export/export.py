@@ -34,10 +34,11 @@ from quantkit.checkpoint import (
 from quantkit.data import calibration_samples
 from quantkit.errors import CheckpointError, ConfigError, QuantizationError, require
 from quantkit.gptq.qlinear import QuantLinear, gptq_settings
-from quantkit.loading import check_remote_code, load, load_tokenizer
+from quantkit.loading import check_remote_code, check_tokenizer_files, load, load_tokenizer
 from quantkit.onnx_export.graph import NBitsLinear, export_graph, replace_module
 from quantkit.onnx_export.nbits import SUPPORTED_BITS, gptq_to_nbits
 from quantkit.onnx_export.validate import Validation, compare, onnx_logits, onnx_session
+from quantkit.validate import validate_source
 
 log = logging.getLogger(__name__)
 
@@ -193,19 +194,22 @@ def export_onnx(cfg: OnnxExportConfig) -> OnnxExportResult:
     ckpt = open_checkpoint(cfg.source)
     check_remote_code(ckpt.path, ckpt.config, cfg.trust_remote_code)
     settings = export_settings(ckpt)
-    check_destination(Path(cfg.dest), source=ckpt.path, force=cfg.force)
+    check_destination(Path(cfg.dest), source=ckpt.path, force=cfg.force, flag="OUT")
+    check_tokenizer_files(ckpt.path)
+    validate_source(ckpt, trust_remote_code=cfg.trust_remote_code, copies_files=True)
     dtype = DTYPES[cfg.dtype]
     input_ids = validation_inputs(ckpt, _tokenizer(ckpt, cfg.trust_remote_code), cfg)
 
     log.info("loading %s", ckpt.path)
-    model = load(ckpt.path, dtype="fp32", trust_remote_code=cfg.trust_remote_code).float()
+    model = load(ckpt.path, dtype="fp32", trust_remote_code=cfg.trust_remote_code,
+                 validate=False).float()
     if cfg.dtype == "fp16":
         check_fp16_range(model)
     reference = reference_logits(model, input_ids)  # also runs Baichuan2's one-off NormHead
     quantized = to_nbits_model(model, dtype, cfg.accuracy_level) if settings else None
     model.to(dtype)
 
-    with atomic_output(cfg.dest, source=ckpt.path, force=cfg.force) as tmp:
+    with atomic_output(cfg.dest, source=ckpt.path, force=cfg.force, flag="OUT") as tmp:
         log.info("exporting to ONNX (opset %d, %s)", cfg.opset, cfg.dtype)
         written = export_graph(model, input_ids[:, :16], tmp / MODEL_FILE, cfg.opset)
         del model
