@@ -13,14 +13,15 @@ ordinary clients:
     License) from Debian's `python3.11-doc` 3.11.2-6+deb12u8: tutorial, howto, faq,
     reference, using, extending, and the Python 2 "What's New" essays.
   * modern prose (`zh-modern.txt`, `en-modern.txt`): the Debian Administrator's Handbook
-    (`debian-handbook` 11.20220922, GPL-2+ or CC-BY-SA-3.0) in zh-CN and en-US, and the
-    Debian installation guide (`installation-guide-amd64` 20230508+deb12u1, GPL-2) in
-    zh_CN and en. The zh-CN handbook leaves some paragraphs in English; only paragraphs
-    that are mostly CJK are kept for Chinese, and none with CJK for English.
+    (`debian-handbook` 11.20220922, GPL-2+ or CC-BY-SA-3.0) in zh-CN and en-US. The zh-CN
+    translation leaves some paragraphs in English; only paragraphs that are mostly CJK
+    are kept for Chinese, and none with CJK for English.
   * chat pairs (`chat.jsonl`): question/answer pairs from the Debian FAQ (`debian-faq`
     and `debian-faq-zh-cn` 11.1), section-title/section-text pairs from Debian Reference
-    (`debian-reference-en` / `-zh-cn` 2.100, GPL-2+), and the pairs quantkit's authors
-    wrote for it (`calib_data/sources/quantkit-chat.jsonl`, Apache-2.0, like quantkit).
+    (`debian-reference-en` / `-zh-cn` 2.100, GPL-2+) and the Debian installation guide
+    (`installation-guide-amd64` 20230508+deb12u1, GPL-2; zh_CN and en), and the pairs
+    quantkit's authors wrote for it (`calib_data/sources/quantkit-chat.jsonl`,
+    Apache-2.0, like quantkit).
 
 Each source is cut into documents (a chapter, a group of poems, a documentation page, a
 chat pair); every tenth document (index % 10 == 9) goes to heldout/, the rest to train/, so
@@ -413,16 +414,18 @@ def _pages(root: Path, pattern: str) -> list[Path]:
 
 
 def modern_documents(root: Path, lang: str) -> list[Document]:
-    """The handbook's pages, then the installation guide's."""
-    return (docbook_documents(_pages(root, f"{HANDBOOK_HTML[lang]}/*.html"), lang)
-            + docbook_documents(_pages(root, f"{INSTALL_HTML[lang]}/*.html"), lang))
+    """The handbook's pages."""
+    return docbook_documents(_pages(root, f"{HANDBOOK_HTML[lang]}/*.html"), lang)
 
 
 def debian_chat_pairs(root: Path, lang: str) -> list[dict]:
+    """FAQ questions, then Debian Reference and installation guide sections, as pairs."""
     return (chat_pairs(docbook_sections(_pages(root, FAQ_HTML[lang]), lang), lang,
                        "debian-faq")
             + chat_pairs(docbook_sections(_pages(root, REFERENCE_HTML[lang]), lang), lang,
-                         "debian-reference"))
+                         "debian-reference")
+            + chat_pairs(docbook_sections(_pages(root, f"{INSTALL_HTML[lang]}/*.html"), lang),
+                         lang, "installation-guide"))
 
 
 # ----------------------------------------------------------------------------- write
