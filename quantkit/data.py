@@ -53,7 +53,10 @@ TEXT_FORMATS = ("plain", "chat")  # of held-out text for perplexity and KL diver
 # Debian handbook and installation guide, "chat" the pairs of chat.jsonl.
 COMPOSITION = {"text": {"modern": 1, "classic": 1},
                "chat": {"chat": 1},
-               "mixed": {"chat": 2, "modern": 1, "classic": 1}}
+               "mixed": {"chat": 2, "modern": 1, "classic": 1},
+               # The set quantkit calibrated on before the modern and chat sources came
+               # (Python API only, for comparisons such as bench/calibration_compare.py).
+               "classic": {"classic": 1}}
 # What `--calib-format auto` means for a tokenizer with a chat template (without one: text).
 AUTO_CHAT_FORMAT = "text"
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
@@ -255,11 +258,11 @@ def resolve_format(fmt: str, tokenizer, calib_file: str | Path | None = None) ->
         if calib_file is not None:
             return "chat" if chat_calib.is_chat_jsonl(calib_file) else "text"
         return AUTO_CHAT_FORMAT if chat_calib.has_chat_template(tokenizer) else "text"
-    if fmt not in CALIB_FORMATS:
+    if fmt not in COMPOSITION:
         raise CalibrationError(f"--calib-format {fmt}: choose one of auto, "
                                f"{', '.join(CALIB_FORMATS)}")
-    if fmt == "mixed" and calib_file is not None:
-        raise CalibrationError("--calib-format mixed mixes quantkit's built-in prose and chat "
+    if fmt in ("mixed", "classic") and calib_file is not None:
+        raise CalibrationError(f"--calib-format {fmt}: uses quantkit's built-in prose and chat "
                                "pairs; with --calib FILE choose text or chat")
     if fmt in ("chat", "mixed"):
         chat_calib.require_chat_template(tokenizer, f"--calib-format {fmt}")
@@ -343,14 +346,15 @@ def build_calibration(tokenizer, *, fmt: str = "text", calib_file: str | Path | 
                       for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     else:
         langs = split_count(nsamples, {"zh": 1, "en": 1})
+        counts = {lang: split_count(langs[lang], COMPOSITION[fmt]) for lang in LANGS}
         blocks, block_pieces = [], []
-        for li, lang in enumerate(LANGS):
-            counts = split_count(langs[lang], COMPOSITION[fmt])
-            for si, (source, rows) in enumerate(counts.items()):
-                if rows:
+        # Source by source, a block per language, so interleaved rows alternate zh/en.
+        for si, source in enumerate(COMPOSITION[fmt]):
+            for li, lang in enumerate(LANGS):
+                if counts[lang][source]:
                     # A different stream per language and source, all fixed by `seed`.
-                    b, p, c = _builtin_block(tokenizer, lang, source, rows, seqlen,
-                                             seed * 16 + li * 4 + si)
+                    b, p, c = _builtin_block(tokenizer, lang, source, counts[lang][source],
+                                             seqlen, seed * 16 + li * 4 + si)
                     blocks.append(b)
                     block_pieces.append(p)
                     cut += c
