@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -36,7 +37,12 @@ from quantkit.chat_calib import has_chat_template  # noqa: E402
 from quantkit.checkpoint import open_checkpoint  # noqa: E402
 from quantkit.data import build_calibration, heldout_tokens  # noqa: E402
 from quantkit.evaluate.kld import KldTotal  # noqa: E402
-from quantkit.evaluate.runner import evaluate_text  # noqa: E402
+from quantkit.evaluate.perplexity import (  # noqa: E402
+    NllTotal,
+    iter_batches,
+    token_nll,
+    window_logits,
+)
 from quantkit.gptq.run import GPTQConfig, gptq_quantize, load_source_model  # noqa: E402
 from quantkit.loading import load_tokenizer  # noqa: E402
 
@@ -53,31 +59,53 @@ def heldout_streams(tokenizer, *, plain_sources: tuple[str, ...], tokens: int
     return {kind: {k: v[:tokens] for k, v in streams.items()} for kind, streams in kinds.items()}
 
 
+def score_all(models: dict[str, torch.nn.Module], base: torch.nn.Module,
+              streams: dict[str, dict[str, torch.Tensor]], *, seqlen: int, batch_size: int
+              ) -> dict[str, dict]:
+    """{name: {kind: ppl, KLD from base, per text}} for base ("bf16") and every model.
+
+    One pass over the windows: the base's logits are computed once per batch and every
+    quantized model is scored against them (the expensive part on a CPU is the forward).
+    """
+    names = ["bf16", *models]
+    out: dict[str, dict] = {name: {} for name in names}
+    for kind, texts in streams.items():
+        totals = {name: {} for name in names}
+        for text, ids in texts.items():
+            nll = {name: NllTotal() for name in names}
+            kld = {name: KldTotal() for name in models}
+            for batch in tqdm(list(iter_batches(ids, seqlen, seqlen, batch_size)), desc=text,
+                              unit="batch", leave=False):
+                with torch.no_grad():
+                    base_logits, targets = window_logits(base, ids, batch)
+                    nll["bf16"].add(token_nll(base_logits, targets))
+                    for name, model in models.items():
+                        logits, _ = window_logits(model, ids, batch)
+                        nll[name].add(token_nll(logits, targets))
+                        kld[name].add(base_logits, logits)
+            for name in names:
+                totals[name][text] = (nll[name], kld.get(name))
+        for name in names:
+            per_text = {}
+            for text, (n, k) in totals[name].items():
+                per_text[text] = {"ppl": n.summary()["ppl"], "tokens": n.tokens, **_kld(k)}
+            nll_sum = sum(n.nll_sum for n, _ in totals[name].values())
+            count = sum(n.tokens for n, _ in totals[name].values())
+            klds = [k for _, k in totals[name].values() if k is not None]
+            merged = None
+            for k in klds:
+                merged = k if merged is None else merged.merged(k)
+            out[name][kind] = {"ppl": math.exp(nll_sum / count), **_kld(merged),
+                               "tokens": count, "texts": per_text}
+    return out
+
+
 def _kld(total: KldTotal | None) -> dict:
     if total is None:
         return {}
     summary = total.summary()
-    return {"kld_mean": summary["mean"], "kld_p99": summary["p99"]}
-
-
-def score(model, base, streams: dict[str, dict[str, torch.Tensor]], *, seqlen: int,
-          batch_size: int) -> dict:
-    """Per held-out text and per kind (token-weighted over its texts): ppl, and KLD from
-    `base` unless it is None."""
-    out = {}
-    for kind, texts in streams.items():
-        per_text, nll, count, merged = {}, 0.0, 0, None
-        for name, ids in texts.items():
-            ppl, kld = evaluate_text(model, ids, seqlen=seqlen, stride=seqlen,
-                                     batch_size=batch_size, base=base, desc=name)
-            per_text[name] = {"ppl": ppl["ppl"], "tokens": ppl["tokens"], **_kld(kld)}
-            nll += ppl["nll"] * ppl["tokens"]
-            count += ppl["tokens"]
-            if kld is not None:
-                merged = kld if merged is None else merged.merged(kld)
-        out[kind] = {"ppl": math.exp(nll / count), **_kld(merged), "tokens": count,
-                     "texts": per_text}
-    return out
+    return {"kld_mean": summary["mean"], "kld_p99": summary["p99"],
+            "same_top1": summary["same_top1"]}
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -104,13 +132,12 @@ def compare_calibrations(model_dir: str | Path, *, bits: int = 4, group_size: in
     calibrations = calibrations or (("text", "chat", "mixed") if chat else ("classic", "text"))
     streams = heldout_streams(tokenizer, plain_sources=plain_sources,
                               tokens=eval_windows * seqlen)
-    base = load_source_model(open_checkpoint(model_dir), trust_remote_code).float()
+    base = load_source_model(open_checkpoint(model_dir), trust_remote_code).float().eval()
     settings = {"bits": bits, "group_size": group_size, "nsamples": nsamples,
                 "seqlen": seqlen, "seed": seed, "device": device,
                 "eval_windows_per_text": eval_windows, "plain_sources": list(plain_sources)}
     results = {"model": str(model_dir), "settings": settings, "calibrations": {}}
-    log.info("base model: scoring the unquantized model on its own windows")
-    results["bf16"] = score(base, None, streams, seqlen=seqlen, batch_size=batch_size)
+    quantized = {}
     for fmt in calibrations:
         t0 = time.perf_counter()
         calib = build_calibration(tokenizer, fmt=fmt, nsamples=nsamples, seqlen=seqlen,
@@ -120,15 +147,19 @@ def compare_calibrations(model_dir: str | Path, *, bits: int = 4, group_size: in
                              group_size=group_size, nsamples=nsamples, seqlen=seqlen,
                              device=device, trust_remote_code=trust_remote_code, seed=seed)
             result = gptq_quantize(cfg, input_ids=calib.ids)
-        quantized = result.model.float()
-        scores = score(quantized, base, streams, seqlen=seqlen, batch_size=batch_size)
+        quantized[fmt] = result.model.float().eval()
         results["calibrations"][fmt] = {
             "report": calib.report, "mean_error": result.manifest["mean_error"],
             "mean_rtn_error": result.manifest["mean_rtn_error"],
-            "seconds": round(time.perf_counter() - t0, 1), **scores}
-        del quantized, result
+            "quantize_seconds": round(time.perf_counter() - t0, 1)}
+    t0 = time.perf_counter()
+    scores = score_all(quantized, base, streams, seqlen=seqlen, batch_size=batch_size)
+    results["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    results["bf16"] = scores["bf16"]
+    for fmt in calibrations:
+        results["calibrations"][fmt].update(scores[fmt])
         log.info("%s: %s", fmt, ", ".join(f"{k} ppl {v['ppl']:.3f} kld {v['kld_mean']:.5f}"
-                                          for k, v in scores.items()))
+                                          for k, v in scores[fmt].items()))
     if out_json is not None:
         write_json_atomic(Path(out_json), results)
     return results

@@ -308,7 +308,9 @@ def _builtin_block(tokenizer, lang: str, source: str, rows: int, seqlen: int, se
     return ids, [[(lang, path.name, seqlen)] for _ in range(rows)], 0
 
 
-def _detect_lang(text: str) -> str:
+def detect_lang(text: str) -> str:
+    """zh when at least 30% of the letters are CJK (Chinese technical prose is full of
+    Latin command names), else en."""
     letters = sum(c.isalpha() for c in text)
     return "zh" if letters and len(CJK.findall(text)) / letters >= 0.3 else "en"
 
@@ -331,7 +333,7 @@ def build_calibration(tokenizer, *, fmt: str = "text", calib_file: str | Path | 
             conversations = chat_calib.read_conversations(calib_file,
                                                           source=Path(calib_file).name)
             conversations = [c if c.lang != "?" else chat_calib.Conversation(
-                c.messages, _detect_lang(" ".join(m["content"] for m in c.messages)),
+                c.messages, detect_lang(" ".join(m["content"] for m in c.messages)),
                 c.source) for c in conversations]
             packed = _chat_rows(tokenizer, conversations, nsamples, seqlen, seed,
                                 str(calib_file))
@@ -342,7 +344,7 @@ def build_calibration(tokenizer, *, fmt: str = "text", calib_file: str | Path | 
                                        "records; pass --calib-format chat (or auto)")
             ids = _windows(tokenizer, read_text_file(calib_file), str(calib_file), nsamples,
                            seqlen, seed)
-            pieces = [[(_detect_lang(t), Path(calib_file).name, seqlen)]
+            pieces = [[(detect_lang(t), Path(calib_file).name, seqlen)]
                       for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     else:
         langs = split_count(nsamples, {"zh": 1, "en": 1})
