@@ -13,7 +13,6 @@ from quantkit.errors import CalibrationError
 from quantkit.fixtures import build_tokenizer
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
-LATIN = re.compile(r"[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +30,9 @@ class CountingTokenizer:
         self.chars += sum(len(t) for t in texts)
         return self.inner(texts, **kwargs)
 
+    def __getattr__(self, name):  # decoding (the calibration report) is not counted
+        return getattr(self.inner, name)
+
 
 def numbered_text(lines: int) -> str:
     return "".join(f"line {i:05d} says the quick brown fox jumps over the lazy dog\n"
@@ -43,7 +45,7 @@ def complete_lines(decoded: str) -> list[str]:
 
 
 def script_of(decoded: str) -> str:
-    return "zh" if len(CJK.findall(decoded)) > len(LATIN.findall(decoded)) else "en"
+    return data.detect_lang(decoded)
 
 
 # ----------------------------------------------------------------------------- built-in splits
@@ -77,21 +79,37 @@ def test_split_and_language_names_are_checked():
 
 def test_calib_dir_override_and_missing_split(tmp_path, monkeypatch, tok):
     monkeypatch.setenv("QUANTKIT_CALIB_DIR", str(tmp_path))
-    with pytest.raises(CalibrationError, match=re.escape(str(tmp_path / "train" / "zh.txt"))):
+    with pytest.raises(CalibrationError, match=re.escape(str(tmp_path / "train" / "zh-"))):
         data.calibration_samples(tok, nsamples=2, seqlen=16)
     (tmp_path / "train").mkdir()
-    texts = {"zh": "天下大势，分久必合，合久必分。\n" * 50, "en": numbered_text(50)}
-    for lang, text in texts.items():
-        (tmp_path / "train" / f"{lang}.txt").write_text(text, "utf-8")
-    rows = data.calibration_samples(tok, nsamples=2, seqlen=64)
-    for row, lang in zip(rows, ("zh", "en"), strict=True):
-        assert tok.decode(row).strip("\ufffd") in texts[lang]
-    have = len(tok(texts["zh"], add_special_tokens=False)["input_ids"])
+    texts = {"zh": "天下大势，分久必合，合久必分。\n" * 50, "en": numbered_text(50),
+             "zh-modern": "软件包管理系统会自动安装依赖关系。\n" * 50,
+             "en-modern": "The package manager installs dependencies for you.\n" * 50}
+    for name, text in texts.items():
+        (tmp_path / "train" / f"{name}.txt").write_text(text, "utf-8")
+    rows = data.calibration_samples(tok, nsamples=4, seqlen=64)
+    # modern zh, modern en, classic zh, classic en: languages alternate
+    for row, name in zip(rows, ("zh-modern", "en-modern", "zh", "en"), strict=True):
+        assert tok.decode(row).strip("\ufffd") in texts[name]
+    have = len(tok(texts["zh-modern"], add_special_tokens=False)["input_ids"])
     with pytest.raises(CalibrationError) as err:
         data.calibration_samples(tok, nsamples=2, seqlen=5000)
-    assert str(err.value) == (f"{tmp_path / 'train' / 'zh.txt'}: has {have} tokens; --nsamples 1 "
-                              "x --seqlen 5000 needs 5000; lower them or pass --calib with a "
-                              "longer file of your own")
+    assert str(err.value) == (f"{tmp_path / 'train' / 'zh-modern.txt'}: has {have} tokens; "
+                              "--nsamples 1 x --seqlen 5000 needs 5000; lower them or pass "
+                              "--calib with a longer file of your own")
+
+
+def test_modern_splits_exist_and_share_no_paragraph_with_any_train_text():
+    for lang in data.LANGS:
+        train = data.read_text_file(data.prose_path("train", lang, "modern"))
+        heldout = data.read_text_file(data.prose_path("heldout", lang, "modern"))
+        assert 0.03 < len(heldout) / (len(train) + len(heldout)) < 0.2, lang
+        assert len(train) > 150_000, lang
+        share = len(CJK.findall(train)) / sum(c.isalpha() for c in train)
+        assert (share > 0.5) if lang == "zh" else (share == 0), (lang, share)
+        all_train = set(train.splitlines()) | set(data.load_split("train", lang)[lang]
+                                                   .splitlines())
+        assert not (set(heldout.splitlines()) - {""}) & all_train, lang
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -143,8 +161,11 @@ def test_default_calibration_shape_seed_and_language_mix(tok):
 
 
 def test_default_windows_come_from_the_train_text(tok):
-    texts = data.load_split("train")
-    heldout = {k: set(v.splitlines()) - {""} for k, v in data.load_split("heldout").items()}
+    texts = {lang: text + data.read_text_file(data.prose_path("train", lang, "modern"))
+             for lang, text in data.load_split("train").items()}
+    heldout = {lang: (set(text.splitlines()) | set(data.read_text_file(
+        data.prose_path("heldout", lang, "modern")).splitlines())) - {""}
+        for lang, text in data.load_split("heldout").items()}
     rows = data.calibration_samples(tok, nsamples=6, seqlen=512, seed=7)
     for i, row in enumerate(rows):
         lang = "zh" if i % 2 == 0 else "en"

@@ -38,6 +38,11 @@ def format_summary(result: dict) -> list[str]:
 @click.option("--text", type=click.Path(path_type=Path), metavar="FILE",
               help="Held-out text for ppl/kld. [default: calib_data's held-out split, "
                    "Chinese and English reported separately]")
+@click.option("--text-format", "text_format", type=click.Choice(["plain", "chat"]),
+              default="plain", show_default=True,
+              help="chat: held-out instruction/response pairs rendered with the model's chat "
+                   "template (with --text: a .jsonl of messages or instruction/output), the "
+                   "text users send; needs a tokenizer with a chat template.")
 @click.option("--seqlen", type=int, help="Window length. [default: min(2048, model context)]")
 @click.option("--stride", type=int,
               help="Tokens between window starts; only new tokens are scored. [default: seqlen]")
@@ -60,7 +65,8 @@ def format_summary(result: dict) -> list[str]:
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model's own Python code (Baichuan2, ...).")
 def command(model: Path, out: Path, base: Path | None, tasks: str | None, text: Path | None,
-            seqlen: int | None, stride: int | None, max_tokens: int | None, shots: int,
+            text_format: str, seqlen: int | None, stride: int | None,
+            max_tokens: int | None, shots: int,
             limit: int | None, data_dir: tuple[str, ...], batch_size: int,
             max_length: int | None, device: str, dtype: str | None,
             trust_remote_code: bool) -> None:
@@ -75,7 +81,8 @@ def command(model: Path, out: Path, base: Path | None, tasks: str | None, text: 
     if tasks is None:
         tasks = "ppl,kld,ceval,cmmlu,mmlu" if base else "ppl,ceval,cmmlu,mmlu"
     cfg = EvalConfig(model=model, out=out, tasks=tuple(tasks.split(",")), base=base, text=text,
-                     seqlen=seqlen, stride=stride, max_tokens=max_tokens, shots=shots,
+                     text_format=text_format, seqlen=seqlen, stride=stride,
+                     max_tokens=max_tokens, shots=shots,
                      limit=limit, data_dirs=data_dir, batch_size=batch_size,
                      max_length=max_length, device=device, dtype=dtype,
                      trust_remote_code=trust_remote_code)

@@ -30,6 +30,13 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
 @click.option("--calib", type=click.Path(path_type=str), default=None,
               help="Calibration text file.  [default: the mixed Chinese/English set in "
                    "calib_data/]")
+@click.option("--calib-format", "calib_format",
+              type=click.Choice(["auto", "text", "chat", "mixed"]), default="auto",
+              show_default=True,
+              help="text: prose; chat: instruction/response pairs rendered with the model's "
+                   "chat template (with --calib: a .jsonl of messages or instruction/output); "
+                   "mixed: half each. auto: chat for a --calib file of conversations, "
+                   "otherwise text.")
 @click.option("--nsamples", type=int, default=128, show_default=True,
               help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=2048, show_default=True,
@@ -47,7 +54,7 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
 @click.option("--max-shard-size", default="5GB", show_default=True)
 def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_act: bool,
             static_groups: bool, true_sequential: bool, damp: float, calib: str | None,
-            nsamples: int, seqlen: int, batch_size: int | None, device: str,
+            calib_format: str, nsamples: int, seqlen: int, batch_size: int | None, device: str,
             trust_remote_code: bool, method: str, force: bool, max_shard_size: str) -> None:
     """Quantize MODEL with GPTQ into a folder every GPTQ loader reads.
 
@@ -59,7 +66,8 @@ def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_ac
     cfg = GPTQConfig(
         source=Path(model), dest=Path(out), bits=bits, group_size=group_size, sym=sym,
         desc_act=desc_act, static_groups=static_groups, true_sequential=true_sequential,
-        damp=damp, calib=Path(calib) if calib else None, nsamples=nsamples, seqlen=seqlen,
+        damp=damp, calib=Path(calib) if calib else None, calib_format=calib_format,
+        nsamples=nsamples, seqlen=seqlen,
         batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
         force=force, max_shard_size=max_shard_size,
         solver="rtn" if method == "rtn" else "fast",

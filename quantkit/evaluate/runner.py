@@ -56,6 +56,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = ("ppl", "ceval", "cmmlu", "mmlu")
     base: Path | None = None
     text: Path | None = None  # None: the held-out split of calib_data
+    text_format: str = "plain"  # chat: held-out conversations in the model's chat template
     seqlen: int | None = None  # None: min(2048, the model's context length)
     stride: int | None = None  # None: seqlen (non-overlapping windows)
     max_tokens: int | None = None  # per held-out text, for quick runs
@@ -121,10 +122,11 @@ def window_settings(cfg: EvalConfig, model: nn.Module) -> tuple[int, int]:
     return seqlen, stride
 
 
-def heldout_ids(tokenizer, text: Path | None) -> dict[str, torch.Tensor]:
+def heldout_ids(tokenizer, text: Path | None, text_format: str = "plain"
+                ) -> dict[str, torch.Tensor]:
     from quantkit.data import heldout_tokens
 
-    return heldout_tokens(tokenizer, text_file=text)
+    return heldout_tokens(tokenizer, text_file=text, text_format=text_format)
 
 
 def check_same_tokenizer(tokenizer, base_tokenizer, base: Path, model: Path) -> None:
@@ -160,11 +162,11 @@ def evaluate_text(model: nn.Module, ids: torch.Tensor, *, seqlen: int, stride: i
 
 def heldout_texts(cfg: EvalConfig, tokenizer, use_base: bool) -> dict[str, torch.Tensor]:
     """The held-out token streams, checked to be the same under the base's tokenizer."""
-    texts = heldout_ids(tokenizer, cfg.text)
+    texts = heldout_ids(tokenizer, cfg.text, cfg.text_format)
     if use_base:
         base_tokenizer = load_tokenizer(cfg.base, trust_remote_code=cfg.trust_remote_code)
         check_same_tokenizer(tokenizer, base_tokenizer, cfg.base, cfg.model)
-        base_texts = heldout_ids(base_tokenizer, cfg.text)
+        base_texts = heldout_ids(base_tokenizer, cfg.text, cfg.text_format)
         if any(not torch.equal(base_texts[k], texts[k]) for k in texts):
             raise ConfigError(f"--base {cfg.base}: its tokenizer encodes the held-out text "
                               f"differently from {cfg.model}'s; pass the model's own base")
@@ -178,6 +180,7 @@ def text_results(cfg: EvalConfig, tasks: tuple[str, ...], model: nn.Module,
     seqlen, stride = window_settings(cfg, model)
     settings = {"seqlen": seqlen, "stride": stride, "max_tokens": cfg.max_tokens,
                 "text": str(Path(cfg.text).absolute()) if cfg.text else "calib_data/heldout",
+                "text_format": cfg.text_format,
                 "text_tokens": {k: int(v.numel()) for k, v in texts.items()},
                 "text_fingerprint": {k: fingerprint(v) for k, v in texts.items()}}
     ppl, klds = {}, {}

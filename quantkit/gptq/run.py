@@ -62,6 +62,7 @@ class GPTQConfig:
     true_sequential: bool = True
     damp: float = 0.01
     calib: Path | None = None  # None: the mixed Chinese/English set in calib_data/
+    calib_format: str = "auto"  # text, chat, mixed; auto: see quantkit.data.resolve_format
     nsamples: int = 128
     seqlen: int = 2048
     batch_size: int | None = None  # None: about 16k tokens per forward
@@ -206,12 +207,13 @@ def stream_options(cfg: GPTQConfig, model: nn.Module, family: Family | None, dev
 # --------------------------------------------------------------------------- run
 
 
-def calibration_ids(ckpt: Checkpoint, cfg: GPTQConfig) -> torch.Tensor:
-    from quantkit.data import calibration_samples
+def build_calibration(ckpt: Checkpoint, cfg: GPTQConfig):
+    """The calibration rows and their report (quantkit.data.Calibration)."""
+    from quantkit.data import build_calibration
 
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code=cfg.trust_remote_code)
-    return calibration_samples(tokenizer, calib_file=cfg.calib, nsamples=cfg.nsamples,
-                               seqlen=cfg.seqlen, seed=cfg.seed)
+    return build_calibration(tokenizer, fmt=cfg.calib_format, calib_file=cfg.calib,
+                             nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
 
 
 def load_source_model(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
@@ -236,8 +238,10 @@ def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> 
     if cfg.max_gpu_memory is not None:
         parse_size(cfg.max_gpu_memory)
     check_seqlen(ckpt, cfg.seqlen)
+    report = None
     if input_ids is None:
-        input_ids = calibration_ids(ckpt, cfg)
+        calibration = build_calibration(ckpt, cfg)
+        input_ids, report = calibration.ids, calibration.report
 
     timer = PhaseTimer(device)
     with timer.phase("load"):
@@ -248,14 +252,20 @@ def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> 
     check_tensor_names(model, ckpt, family)
     check_finite(model, label)
     return quantize_and_write(model, input_ids, ckpt, ckpt.iter_tensors(), cfg, device=device,
-                              family=family, timer=timer, started=started)
+                              family=family, timer=timer, started=started,
+                              calibration_report=report)
 
 
 def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkpoint,
                        source_tensors: Iterable[tuple[str, torch.Tensor]], cfg: GPTQConfig,
                        *, device: str, family: Family | None, timer: PhaseTimer,
-                       started: _dt.datetime | None = None) -> GPTQResult:
-    """The part the CLI and the speed benchmark share: quantize in place, then write."""
+                       started: _dt.datetime | None = None,
+                       calibration_report: dict | None = None) -> GPTQResult:
+    """The part the CLI and the speed benchmark share: quantize in place, then write.
+
+    `calibration_report` (quantkit.data.calibration_report) goes into quantkit.json, so a
+    published artifact says what it was calibrated on; given input_ids have none.
+    """
     t0 = time.perf_counter()
     label = str(source.path)
     log.info("GPTQ %d-bit, group %d%s%s on %s: %d x %d calibration tokens", cfg.bits,
@@ -268,7 +278,8 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
         "settings": cfg.settings(),
         "calibration": {"file": str(cfg.calib) if cfg.calib else "default",
                         "nsamples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
-                        "batch_size": options.batch_size, "seed": cfg.seed},
+                        "batch_size": options.batch_size, "seed": cfg.seed,
+                        **({"report": calibration_report} if calibration_report else {})},
         "device": device,
         "layers": {r.name: {"error": round(r.error, 6), "rtn_error": round(r.rtn_error, 6),
                             "damp": r.damp} for r in layers.reports},
