@@ -49,7 +49,7 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
               show_default=True)
 @click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="auto",
               show_default=True,
-              help="Forwards' dtype; auto: fp32 on CPUs without native bf16, else as stored "
+              help="Calibration forwards' dtype; auto: fp32 on CPU, as stored (bf16) on CUDA "
                    "(Hessians are always fp32).")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model's own Python code (Baichuan2, Aquila2, ...).")

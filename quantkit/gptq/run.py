@@ -75,7 +75,7 @@ class GPTQConfig:
     solver: str = "fast"  # "reference": the paper's loop, one matrix at a time
     max_gpu_memory: str | None = None  # e.g. "24GiB": keep activations on the host if needed
     seed: int = 0
-    compute_dtype: str = "auto"  # auto: fp32 on CPUs without native bf16, else as stored
+    compute_dtype: str = "auto"  # auto: fp32 on CPU, as stored on CUDA
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -229,8 +229,16 @@ def stream_options(cfg: GPTQConfig, model: nn.Module, family: Family | None, dev
     return StreamOptions(device=device, batch_size=cfg.batch_size or auto_batch_size(seqlen),
                          true_sequential=cfg.true_sequential, solver=cfg.solver,
                          activations_on_host=on_host,
-                         compute_dtype=compute_dtype(device, stored_dtype(model),
-                                                     cfg.compute_dtype))
+                         compute_dtype=calibration_dtype(cfg, model, device))
+
+
+def calibration_dtype(cfg: GPTQConfig, model: nn.Module, device: str) -> torch.dtype:
+    """fp32 forwards on any CPU unless asked otherwise: even where bf16 is native, its
+    rounded activations cost GPTQ measurable quality (bench/RESULTS.md), and CPU runs are
+    for models small enough to afford it. CUDA: bf16 forwards, fp32 Hessians."""
+    if cfg.compute_dtype == "auto" and device == "cpu":
+        return torch.float32
+    return compute_dtype(device, stored_dtype(model), cfg.compute_dtype)
 
 
 # --------------------------------------------------------------------------- run
