@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,41 +248,50 @@ def run(args) -> dict:
     calib = calibration_rows(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
     windows = heldout_windows(tokenizer, windows=args.windows, seqlen=args.window_len)
     scorer = Scorer(windows)
-    base = quantkit.load(model_dir)
-    base_score = scorer.score(base, is_base=True)
-    del base
-    log.info("bf16: ppl %.3f", base_score["ppl"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         ids_file = Path(tmp) / "calibration.pt"
         torch.save(calib, ids_file)
-        for setting, method in plan(args.settings, args.methods):
+        pairs = plan(args.settings, args.methods)
+
+        def quantize(setting: str, method: str) -> dict:
             bits, group = SETTINGS[setting]
             out = Path(tmp) / f"{setting}-{method}"
-            log.info("%s %s ...", setting, method)
-            try:
-                if method == "rtn":
-                    model, made = rtn_in_memory(model_dir, bits, group)
-                elif method == "gptqmodel":
-                    made = run_gptqmodel(args.interop, model_dir, out, ids_file, bits, group)
-                else:
-                    made = run_quantkit(method, model_dir, out, ids_file, bits, group)
-            except subprocess.CalledProcessError as exc:
-                log.error("%s %s failed: %s", setting, method, exc)
-                rows.append({"setting": setting, "method": method, "failed": str(exc)})
-                continue
-            if method != "rtn":
-                model = quantkit.load(out)
-            score = scorer.score(model)
-            del model
-            row = {"setting": setting, "bits": bits, "group_size": group,
-                   "method": method, "label": _label(method), **made, **score,
-                   "ppl_rise": score["ppl"] - base_score["ppl"]}
-            rows.append(row)
-            log.info("%s %-20s ppl %.3f (+%.3f) kld %.4f top1 %.3f %.0f s", setting,
-                     method, row["ppl"], row["ppl_rise"], row["kld_mean"],
-                     row["top1_agree"], row["seconds"])
-            _write(args, model_dir, base_score, rows, partial=True)
+            if method == "gptqmodel":
+                return run_gptqmodel(args.interop, model_dir, out, ids_file, bits, group)
+            return run_quantkit(method, model_dir, out, ids_file, bits, group)
+
+        # Quantizers run `--jobs` at a time in their own processes; scoring follows the
+        # plan's order in this one.
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            jobs = {pair: pool.submit(quantize, *pair) for pair in pairs if pair[1] != "rtn"}
+            base = quantkit.load(model_dir)
+            base_score = scorer.score(base, is_base=True)
+            del base
+            log.info("bf16: ppl %.3f", base_score["ppl"])
+            for setting, method in pairs:
+                bits, group = SETTINGS[setting]
+                log.info("%s %s ...", setting, method)
+                try:
+                    if method == "rtn":
+                        model, made = rtn_in_memory(model_dir, bits, group)
+                    else:
+                        made = jobs[(setting, method)].result()
+                        model = quantkit.load(Path(tmp) / f"{setting}-{method}")
+                except subprocess.CalledProcessError as exc:
+                    log.error("%s %s failed: %s", setting, method, exc)
+                    rows.append({"setting": setting, "method": method, "failed": str(exc)})
+                    continue
+                score = scorer.score(model)
+                del model
+                row = {"setting": setting, "bits": bits, "group_size": group,
+                       "method": method, "label": _label(method), **made, **score,
+                       "ppl_rise": score["ppl"] - base_score["ppl"]}
+                rows.append(row)
+                log.info("%s %-20s ppl %.3f (+%.3f) kld %.4f top1 %.3f %.0f s", setting,
+                         method, row["ppl"], row["ppl_rise"], row["kld_mean"],
+                         row["top1_agree"], row["seconds"])
+                _write(args, model_dir, base_score, rows, partial=True)
     return _write(args, model_dir, base_score, rows, partial=False)
 
 
@@ -305,7 +315,8 @@ def _write(args, model_dir, base_score, rows, *, partial: bool) -> dict:
         "heldout": {"windows": args.windows, "seqlen": args.window_len, "text": "calib_data "
                     "heldout/en.txt"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "jobs": args.jobs, "load_average_at_end": os.getloadavg()},
         "base": base_score,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),
@@ -370,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--interop", type=Path, default=DEFAULT_INTEROP)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="quantizers running at once (seconds then include contention)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--results-md", action="store_true",
                         help="write the table into bench/RESULTS.md")
