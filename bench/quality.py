@@ -226,6 +226,8 @@ def run_gptqmodel(interop: Path, model: Path, out: Path, ids_file: Path, bits: i
     report = out.with_suffix(".json")
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # its own stack only
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # it sizes thread pools from these and
+        env.pop(var, None)  # refuses to run with one thread
     subprocess.run([str(python), str(GPTQMODEL_CHILD), "--model", str(model), "--out",
                     str(out), "--ids", str(ids_file), "--bits", str(bits), "--group-size",
                     str(group), "--report", str(report)], check=True, env=env)
