@@ -233,3 +233,23 @@ def test_scale_search_lowers_the_rounding_error_it_measures(search):
     minmax = choose_group_params(w, QuantSpec(scale_search="minmax"), importance)
     assert all(torch.equal(a, b) for a, b in zip(minmax, choose_qparams(w, 4, True),
                                                  strict=True))
+
+
+def test_group_size_that_does_not_divide_is_refused_with_the_sizes_that_do():
+    """Ragged last groups load in the torch kernels but not in vLLM's Marlin: refuse."""
+    from torch import nn
+
+    from quantkit.errors import ConfigError
+    from quantkit.gptq.run import check_layers
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(192, 128, bias=False)
+            self.down = nn.Linear(128, 192, bias=False)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Block(), Block()])
+    check_layers(model, None, QuantSpec(group_size=64), "toy")
+    with pytest.raises(ConfigError, match=r"192 of layers\.0\.up.*: 32, 64, -1"):
+        check_layers(model, None, QuantSpec(group_size=128), "toy")
