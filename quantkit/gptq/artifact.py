@@ -55,7 +55,6 @@ def quantization_config(spec: QuantSpec, *, true_sequential: bool, method: str =
         "true_sequential": true_sequential,
         "damp_percent": spec.damp,
         "static_groups": spec.static_groups,
-        "act_group_aware": spec.group_aware,  # GPTQModel's name; g_idx stays trivial
         "checkpoint_format": CHECKPOINT_FORMAT,
         "lm_head": False,
         "pack_dtype": "int32",
