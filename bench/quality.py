@@ -226,8 +226,11 @@ def run_gptqmodel(interop: Path, model: Path, out: Path, ids_file: Path, bits: i
     report = out.with_suffix(".json")
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # its own stack only
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # it sizes thread pools from these and
-        env.pop(var, None)  # refuses to run with one thread
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(var, None)
+    # It sizes its CPU pool as (cores + 1) // 2 and then asks that pool for 2 loader workers,
+    # so on a 2-core machine it refuses to start without this (tests/interop sets it too).
+    env.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     subprocess.run([str(python), str(GPTQMODEL_CHILD), "--model", str(model), "--out",
                     str(out), "--ids", str(ids_file), "--bits", str(bits), "--group-size",
                     str(group), "--report", str(report)], check=True, env=env)
