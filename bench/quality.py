@@ -371,6 +371,37 @@ def write_results_md(result: dict, path: Path) -> None:
     path.write_text(text)
 
 
+def merge(paths: list[Path], out: Path, results_md: bool) -> dict:
+    """One table from invocations run side by side on the same rows and windows.
+
+    Refuses inputs whose calibration, windows or bf16 scores differ, so the merged rows are
+    as comparable as rows of one invocation.
+    """
+    from quantkit.checkpoint import write_json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("model", "calibration", "heldout"):
+            if part[key] != first[key]:
+                raise SystemExit(f"--merge: {key} differs between the inputs")
+        if part["base"]["ppl"] != first["base"]["ppl"]:
+            raise SystemExit("--merge: the bf16 scores differ, so the windows do")
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    rows = sorted((dict(r, command=p["command"]) for p in parts for r in p["rows"]
+                   if "ppl" in r), key=lambda r: order[r["setting"]])
+    # Rows that did not finish in one invocation (stopped, or done in another) are listed,
+    # not scored.
+    dropped = [dict(r, command=p["command"]) for p in parts for r in p["rows"] if "ppl" not in r]
+    result = dict(first, rows=rows, dropped=dropped, partial=any(p["partial"] for p in parts),
+                  command=" && ".join(p["command"] for p in parts),
+                  merged_from=[str(p) for p in paths])
+    write_json(out, result)
+    if results_md:
+        write_results_md(result, REPO / "bench" / "RESULTS.md")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None,
@@ -391,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--results-md", action="store_true",
                         help="write the table into bench/RESULTS.md")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="combine result JSONs of side-by-side invocations into --out")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -398,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     if args.child:
         _child(json.loads(args.child), args.report)
+        return 0
+    if args.merge:
+        merge(args.merge, args.out, args.results_md)
         return 0
     for method in args.methods or []:
         if method not in ALL_METHODS:
