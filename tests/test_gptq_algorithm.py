@@ -9,9 +9,11 @@ import torch
 from quantkit.gptq.algorithm import (
     NotPositiveDefinite,
     QuantSpec,
+    choose_group_params,
     choose_qparams,
     gptq_fast,
     gptq_reference,
+    group_aware_permutation,
     inverse_hessian_cholesky,
     output_errors,
     rtn_quantize,
@@ -39,6 +41,11 @@ SPECS = {
     "3bit-g64-asym": QuantSpec(bits=3, group_size=64, sym=False),
     "2bit-per-channel": QuantSpec(bits=2, group_size=-1),
     "8bit-g32-asym-act-order": QuantSpec(bits=8, group_size=32, sym=False, desc_act=True),
+    "4bit-g64-minmax-plain": QuantSpec(group_size=64, group_aware=False, scale_search="minmax"),
+    "4bit-g64-updated-grids": QuantSpec(group_size=64, block_start_scales=False),
+    "3bit-g32-mse-asym": QuantSpec(bits=3, group_size=32, sym=False, scale_search="mse"),
+    "4bit-g64-static-hessian": QuantSpec(group_size=64, desc_act=True, static_groups=True,
+                                         scale_search="hessian"),
 }
 
 
@@ -168,3 +175,81 @@ def test_fast_solver_matches_reference_at_baichuan2_7b_width():
     assert err_fast == pytest.approx(err_ref, rel=1e-3)
     assert err_fast < err_rtn
     assert float((fast.codes != ref.codes).float().mean()) <= 5e-3
+
+
+def test_group_aware_order_keeps_groups_whole_and_g_idx_trivial():
+    """Act-order's gain without a permuted g_idx: every v1 kernel loads the result."""
+    columns, group = 512, 64
+    hessian = correlated_hessian(columns, seed=3)
+    perm = group_aware_permutation(hessian, group)
+    assert sorted(perm.tolist()) == list(range(columns))
+    assert perm.tolist() != list(range(columns))
+    for start in range(0, columns, group):
+        assert len({c // group for c in perm[start:start + group].tolist()}) == 1
+    diag = torch.diag(hessian)
+    peaks = [float(diag[perm[s:s + group]].max()) for s in range(0, columns, group)]
+    assert peaks == sorted(peaks, reverse=True)
+    (w,) = weights((128,), columns)
+    spec = QuantSpec(group_size=group)
+    result = gptq_fast([w], hessian, spec)[0]
+    assert torch.equal(result.g_idx, (torch.arange(columns) // group).int())
+    plain = gptq_fast([w], hessian, QuantSpec(group_size=group, group_aware=False))[0]
+    errors = output_errors(w, [result.dequantize(), plain.dequantize()], hessian)
+    assert errors[0] < errors[1]
+
+
+def test_group_grids_come_from_the_block_start():
+    """Two groups of 64 in one block of 128: the second group's grid is chosen from the
+    weights before the first group's errors reach it (the paper's code), and differs from
+    the grid of the already-updated columns."""
+    columns, group = 256, 64
+    hessian = correlated_hessian(columns, seed=4)
+    (w,) = weights((64,), columns, seed=5)
+    common = dict(group_size=group, group_aware=False, scale_search="minmax")
+    start = gptq_reference(w, hessian, QuantSpec(**common))
+    expected, _ = choose_qparams(w[:, group:2 * group], 4, sym=True)
+    assert torch.equal(start.scales[1], expected)
+    updated = gptq_reference(w, hessian, QuantSpec(**common, block_start_scales=False))
+    assert torch.equal(updated.scales[0], start.scales[0])  # nothing updated it yet
+    assert not torch.equal(updated.scales[1], start.scales[1])
+
+
+@pytest.mark.parametrize("search", ["mse", "hessian"])
+def test_scale_search_lowers_the_rounding_error_it_measures(search):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(256, 64, generator=g) * 0.02
+    w[::7, 3] *= 6  # outliers: min/max wastes most of the grid on them
+    importance = torch.rand(64, generator=g) * 4
+    weight = importance if search == "hessian" else torch.ones(64)
+
+    def error(scale, zero):
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 15)
+        return (((q - zero[:, None]) * scale[:, None] - w) ** 2 * weight).sum(1)
+
+    base = error(*choose_qparams(w, 4, sym=True))
+    found = error(*choose_group_params(w, QuantSpec(scale_search=search), importance))
+    assert bool((found <= base + 1e-12).all())
+    assert float(found.sum()) < 0.9 * float(base.sum())
+    minmax = choose_group_params(w, QuantSpec(scale_search="minmax"), importance)
+    assert all(torch.equal(a, b) for a, b in zip(minmax, choose_qparams(w, 4, True),
+                                                 strict=True))
+
+
+def test_group_size_that_does_not_divide_is_refused_with_the_sizes_that_do():
+    """Ragged last groups load in the torch kernels but not in vLLM's Marlin: refuse."""
+    from torch import nn
+
+    from quantkit.errors import ConfigError
+    from quantkit.gptq.run import check_layers
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(192, 128, bias=False)
+            self.down = nn.Linear(128, 192, bias=False)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Block(), Block()])
+    check_layers(model, None, QuantSpec(group_size=64), "toy")
+    with pytest.raises(ConfigError, match=r"192 of layers\.0\.up.*: 32, 64, -1"):
+        check_layers(model, None, QuantSpec(group_size=128), "toy")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from quantkit.compute import COMPUTE_DTYPES
+from quantkit.gptq.algorithm import SCALE_SEARCHES
 from quantkit.gptq.run import GPTQConfig, gptq_quantize
 
 
@@ -22,9 +24,16 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
               help="Act-order: quantize inputs by decreasing activation energy.")
 @click.option("--static-groups", is_flag=True,
               help="With --desc-act: fix each group's grid before the solve.")
+@click.option("--group-aware/--no-group-aware", default=True, show_default=True,
+              help="Quantize whole groups in order of activation energy (act-order that keeps "
+                   "g_idx trivial); ignored with --desc-act.")
+@click.option("--scale-search", type=click.Choice(list(SCALE_SEARCHES)), default="hessian",
+              show_default=True,
+              help="Each group's grid: min/max range, or the range that minimizes the "
+                   "(Hessian-weighted) rounding error.")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Quantize a layer's Linears in forward order, each on quantized inputs.")
-@click.option("--damp", type=float, default=0.01, show_default=True,
+@click.option("--damp", type=float, default=0.05, show_default=True,
               help="Hessian damping (fraction of its mean diagonal); raised automatically "
                    "when Cholesky fails.")
 @click.option("--calib", type=click.Path(path_type=str), default=None,
@@ -45,6 +54,10 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
               help="Sequences per calibration forward.  [default: about 16k tokens]")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True)
+@click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="auto",
+              show_default=True,
+              help="Calibration forwards' dtype; auto: fp32 on CPU, as stored (bf16) on CUDA "
+                   "(Hessians are always fp32).")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model's own Python code (Baichuan2, Aquila2, ...).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
@@ -53,8 +66,9 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_act: bool,
-            static_groups: bool, true_sequential: bool, damp: float, calib: str | None,
-            calib_format: str, nsamples: int, seqlen: int, batch_size: int | None, device: str,
+            static_groups: bool, group_aware: bool, scale_search: str, true_sequential: bool,
+            damp: float, calib: str | None, calib_format: str, nsamples: int, seqlen: int,
+            batch_size: int | None, device: str, compute_dtype: str,
             trust_remote_code: bool, method: str, force: bool, max_shard_size: str) -> None:
     """Quantize MODEL with GPTQ into a folder every GPTQ loader reads.
 
@@ -65,8 +79,10 @@ def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_ac
     """
     cfg = GPTQConfig(
         source=Path(model), dest=Path(out), bits=bits, group_size=group_size, sym=sym,
-        desc_act=desc_act, static_groups=static_groups, true_sequential=true_sequential,
-        damp=damp, calib=Path(calib) if calib else None, calib_format=calib_format,
+        desc_act=desc_act, static_groups=static_groups, group_aware=group_aware,
+        scale_search=scale_search, compute_dtype=compute_dtype,
+        true_sequential=true_sequential, damp=damp,
+        calib=Path(calib) if calib else None, calib_format=calib_format,
         nsamples=nsamples, seqlen=seqlen,
         batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
         force=force, max_shard_size=max_shard_size,

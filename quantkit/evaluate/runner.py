@@ -9,6 +9,7 @@ its perplexity too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from quantkit.checkpoint import check_file_destination, open_checkpoint
+from quantkit.compute import compute_dtype, computing_in, dtype_name, stored_dtype
 from quantkit.errors import ConfigError, QuantizationError
 from quantkit.evaluate import TASKS
 from quantkit.evaluate.kld import KldTotal
@@ -222,30 +224,14 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     model = load(cfg.model, device=device, dtype=cfg.dtype,
                  trust_remote_code=cfg.trust_remote_code, validate=False)
+    # fp32 arithmetic where bf16 is emulated (CPUs without AVX512-BF16/AMX), one module's
+    # weights upcast at a time; see quantkit.compute.
+    compute = compute_dtype(device, stored_dtype(model))
     settings: dict = {"tasks": list(tasks), "device": device, "dtype": cfg.dtype,
-                      "batch_size": cfg.batch_size}
-    results: dict = {}
-    if texts:
-        base = None
-        if use_base:  # the base against itself (recipes measure every model): load it once
-            same = Path(cfg.base).resolve() == Path(cfg.model).resolve()
-            base = model if same else load(cfg.base, device=device, dtype=cfg.dtype,
-                                           trust_remote_code=cfg.trust_remote_code,
-                                           validate=False)
-        text_out, text_settings = text_results(cfg, tasks, model, base, texts)
-        results.update(text_out)
-        settings.update(text_settings)
-        del base
-    if benches:
-        max_length = cfg.max_length or context_length(model) or DEFAULT_SEQLEN
-        settings.update(shots=cfg.shots, limit=cfg.limit, max_length=max_length,
-                        data_dirs={b: str(Path(data_dirs[b]).absolute()) for b in benches})
-    for b in benches:
-        results[b] = evaluate_benchmark(model, tokenizer, BENCHMARKS[b], subject_sets[b],
-                                        batch_size=cfg.batch_size, max_length=max_length)
-        results[b].update(shots=cfg.shots, limit=cfg.limit, sample_data=_is_sample(data_dirs[b]))
-        log.info("%s: average %.2f over %d questions", BENCHMARKS[b].title,
-                 results[b]["average"], results[b]["questions"])
+                      "compute_dtype": dtype_name(compute), "batch_size": cfg.batch_size}
+    with computing_in(model, compute):
+        results = _run_tasks(cfg, tasks, model, tokenizer, texts, benches, subject_sets,
+                             data_dirs, device, compute, settings)
     result = {
         "kind": "eval",
         "schema_version": RESULT_SCHEMA_VERSION,
@@ -272,6 +258,37 @@ def check_finite_results(results: dict, cfg: EvalConfig) -> None:
                 raise QuantizationError(
                     f"{cfg.model}: {task} on {split} is {value}; the model's logits are not "
                     "finite (try --dtype fp32), so no result was written")
+
+
+def _run_tasks(cfg: EvalConfig, tasks, model: nn.Module, tokenizer, texts: dict,
+               benches: list, subject_sets: dict, data_dirs: dict, device: str,
+               compute: torch.dtype, settings: dict) -> dict:
+    use_base = "kld" in tasks
+    results: dict = {}
+    if texts:
+        base = None
+        if use_base:  # the base against itself (recipes measure every model): load it once
+            same = Path(cfg.base).resolve() == Path(cfg.model).resolve()
+            base = model if same else load(cfg.base, device=device, dtype=cfg.dtype,
+                                           trust_remote_code=cfg.trust_remote_code,
+                                           validate=False)
+        separate = base is not None and base is not model
+        with computing_in(base, compute) if separate else contextlib.nullcontext():
+            text_out, text_settings = text_results(cfg, tasks, model, base, texts)
+        results.update(text_out)
+        settings.update(text_settings)
+        del base
+    if benches:
+        max_length = cfg.max_length or context_length(model) or DEFAULT_SEQLEN
+        settings.update(shots=cfg.shots, limit=cfg.limit, max_length=max_length,
+                        data_dirs={b: str(Path(data_dirs[b]).absolute()) for b in benches})
+    for b in benches:
+        results[b] = evaluate_benchmark(model, tokenizer, BENCHMARKS[b], subject_sets[b],
+                                        batch_size=cfg.batch_size, max_length=max_length)
+        results[b].update(shots=cfg.shots, limit=cfg.limit, sample_data=_is_sample(data_dirs[b]))
+        log.info("%s: average %.2f over %d questions", BENCHMARKS[b].title,
+                 results[b]["average"], results[b]["questions"])
+    return results
 
 
 def _is_sample(path: Path) -> bool:

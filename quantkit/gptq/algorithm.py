@@ -31,16 +31,28 @@ _FP16_MAX = torch.finfo(torch.float16).max
 _MIN_SCALE = 2.0**-20  # scales below this round to a few float16 subnormal bits
 
 
+SCALE_SEARCHES = ("minmax", "mse", "hessian")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantize one weight matrix."""
+    """How to quantize one weight matrix.
+
+    The defaults are the combination that measured best on real trained weights
+    (bench/quality.py, bench/RESULTS.md): damping 0.05, group-aware reordering, and each
+    group's grid searched to minimize its Hessian-weighted rounding error, chosen from the
+    weights as they stand at the start of their block (the paper's code does the same).
+    """
 
     bits: int = 4
     group_size: int = 128  # -1: one group for the whole row (per-channel)
     sym: bool = True
     desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
     static_groups: bool = False  # with desc_act: groups fixed from the unpermuted weight
-    damp: float = 0.01  # fraction of the mean Hessian diagonal added before inverting
+    group_aware: bool = True  # reorder whole groups (and columns inside them): g_idx trivial
+    scale_search: str = "hessian"  # minmax | mse | hessian (see `choose_group_params`)
+    block_start_scales: bool = True  # False: a group's grid from its already-updated columns
+    damp: float = 0.05  # fraction of the mean Hessian diagonal added before inverting
     block_size: int = 128  # columns per lazy-update block
     damp_retries: int = 3  # each retry multiplies the damping by 10
 
@@ -52,7 +64,7 @@ class QuantSpec:
         return 1 if self.group_size == -1 else math.ceil(columns / self.group_size)
 
     def block_for(self, columns: int) -> int:
-        """Blocks hold whole groups, so a group's scale sees its fully updated columns."""
+        """Blocks hold whole groups, so every group's grid is chosen at one block start."""
         if self.group_size == -1:
             return self.block_size
         return self.group_size * max(1, self.block_size // self.group_size)
@@ -94,10 +106,14 @@ def choose_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor,
     is moved to 1 with the scale widened to keep the top of the range, because v1
     checkpoints store zero - 1 and loaders add the 1 back with an unsigned carry.
     """
-    maxq = 2**bits - 1
     w = w.float()
-    xmin = w.amin(dim=1).clamp(max=0)
-    xmax = w.amax(dim=1).clamp(min=0)
+    return _range_params(w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0), bits, sym)
+
+
+def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int,
+                  sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero covering [xmin, xmax] (xmin <= 0 <= xmax), as `choose_qparams`."""
+    maxq = 2**bits - 1
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
@@ -123,6 +139,59 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    maxq: int) -> torch.Tensor:
     """Nearest code for each weight; `scale`/`zero` broadcast against `w`."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+_SEARCH_GRID = 40  # candidate ranges tried by the error-minimizing search
+_SEARCH_MAX_SHRINK = 0.4  # the narrowest candidate keeps 60% of the min/max range
+_SEARCH_CHUNK = 8  # candidates evaluated at once, so memory stays a few copies of the group
+
+
+def choose_group_params(columns: torch.Tensor, spec: QuantSpec,
+                        importance: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero of one group from its weight columns `[rows, n]`.
+
+    A pure function of the group's values, so a fused solver can compute every group of a
+    block at the block's start and pass the grids in. "minmax" covers each row's range.
+    The searches shrink that range (clipping the extremes, which usually costs less than
+    the coarser grid covering them) and keep, per row, the candidate with the least
+    squared rounding error; "hessian" weights each column's error by `importance` (the
+    Hessian diagonal: how much activation energy the column carries), so the error
+    measured is an estimate of the output error rather than of the weight error.
+    """
+    scale, zero = choose_qparams(columns, spec.bits, spec.sym)
+    if spec.scale_search == "minmax":
+        return scale, zero
+    w = columns.float()
+    if spec.scale_search == "hessian" and importance is not None:
+        weight = importance.float().clamp_min(0)[None, :]
+    else:
+        weight = torch.ones((1, w.shape[1]), device=w.device)
+    best = _weighted_error(w, scale, zero, spec.maxq, weight)
+    xmin = w.amin(dim=1).clamp(max=0)
+    xmax = w.amax(dim=1).clamp(min=0)
+    shrinks = torch.linspace(1 - _SEARCH_MAX_SHRINK, 1, _SEARCH_GRID)[:-1].tolist()
+    for start in range(0, len(shrinks), _SEARCH_CHUNK):
+        factors = shrinks[start:start + _SEARCH_CHUNK]
+        cand = [_range_params(xmin * f, xmax * f, spec.bits, spec.sym) for f in factors]
+        c_scale = torch.stack([c[0] for c in cand])  # [k, rows]
+        c_zero = torch.stack([c[1] for c in cand])
+        err = _weighted_error(w[None], c_scale, c_zero, spec.maxq, weight[None])  # [k, rows]
+        err_min, which = err.min(dim=0)
+        better = err_min < best
+        rows = torch.arange(w.shape[0], device=w.device)
+        scale = torch.where(better, c_scale[which, rows], scale)
+        zero = torch.where(better, c_zero[which, rows], zero)
+        best = torch.where(better, err_min, best)
+    return scale, zero
+
+
+def _weighted_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """sum_j weight_j (w_ij - dequant(quant(w_ij)))^2 per row (leading dims broadcast)."""
+    s, z = scale[..., None], zero[..., None]
+    q = quantize_codes(w, s, z, maxq)
+    return (((q - z) * s - w) ** 2 * weight).sum(-1)
 
 
 def _group_starts(spec: QuantSpec, columns: int) -> range:
@@ -198,25 +267,73 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor):
     return w, h
 
 
-def _static_params(w: torch.Tensor, spec: QuantSpec):
-    """Static groups: every group's grid from the (unpermuted) weight before any update."""
-    step = spec.group_size
-    params = [choose_qparams(w[:, s:s + step], spec.bits, spec.sym)
+def group_aware_permutation(hessian: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Act-order that keeps groups whole (GPTQModel's `act_group_aware`).
+
+    Groups go in decreasing order of their largest Hessian diagonal entry and, inside a
+    group, columns by decreasing diagonal. Most of act-order's gain is kept, yet every group
+    is still a run of consecutive original inputs, so `g_idx` stays `i // group_size` and
+    the checkpoint loads in every v1 kernel (exllama, Marlin) without reordering.
+    """
+    diag = torch.diag(hessian)
+    cols = diag.numel()
+    order = []
+    starts = list(range(0, cols, group_size))
+    peaks = torch.stack([diag[s:s + group_size].max() for s in starts])
+    for g in torch.argsort(peaks, descending=True, stable=True).tolist():
+        s = starts[g]
+        inner = torch.argsort(diag[s:s + group_size], descending=True, stable=True)
+        order.append(inner + s)
+    return torch.cat(order)
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """In what order the solve visits columns and which stored group each position uses.
+
+    `perm[p]` is the original column processed at position `p` (None: natural order);
+    `group_of[p]` indexes the stored scales/zeros. Dynamic grids are chosen per run of
+    `group_size` positions; static grids come from the unpermuted weight.
+    """
+
+    perm: torch.Tensor | None
+    group_of: list[int]
+    static: bool
+
+    def g_idx(self, device) -> torch.Tensor:
+        g = torch.tensor(self.group_of, dtype=torch.int32, device=device)
+        if self.perm is None:
+            return g
+        out = torch.empty_like(g)
+        out[self.perm] = g
+        return out
+
+
+def plan_columns(hessian: torch.Tensor, spec: QuantSpec) -> ColumnPlan:
+    cols = hessian.shape[0]
+    if spec.group_size == -1:
+        perm = act_order_permutation(hessian) if spec.desc_act else None
+        return ColumnPlan(perm, [0] * cols, static=True)
+    gs = spec.group_size
+    position = list(range(cols))
+    if spec.desc_act:
+        perm = act_order_permutation(hessian)
+        if spec.static_groups:
+            return ColumnPlan(perm, [c // gs for c in perm.tolist()], static=True)
+        return ColumnPlan(perm, [p // gs for p in position], static=False)
+    if spec.group_aware:
+        perm = group_aware_permutation(hessian, gs)
+        return ColumnPlan(perm, [c // gs for c in perm.tolist()], static=False)
+    return ColumnPlan(None, [p // gs for p in position], static=False)
+
+
+def static_group_params(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's grid from the unpermuted weight before any update: [groups, rows]."""
+    step = w.shape[1] if spec.group_size == -1 else spec.group_size
+    params = [choose_group_params(w[:, s:s + step], spec, importance[s:s + step])
               for s in range(0, w.shape[1], step)]
     return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
-
-
-def _g_idx(spec: QuantSpec, columns: int, perm: torch.Tensor | None,
-           device) -> torch.Tensor:
-    """Group of each original column; under act-order, groups follow the processing order."""
-    if spec.group_size == -1:
-        return torch.zeros(columns, dtype=torch.int32, device=device)
-    position = torch.arange(columns, device=device)
-    if perm is None or spec.static_groups:
-        return (position // spec.group_size).int()
-    g_idx = torch.empty(columns, dtype=torch.int32, device=device)
-    g_idx[perm] = (position // spec.group_size).int()
-    return g_idx
 
 
 @contextlib.contextmanager
@@ -265,52 +382,48 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec)
     rows, cols = weight.shape
     check_spec(spec, cols)
     w, h = _prepare(weight, hessian)
-    if spec.static_groups and spec.group_size != -1:
-        static_scale, static_zero = _static_params(w, spec)
-    perm = None
-    if spec.desc_act:
-        perm = act_order_permutation(h)
-        w, h = w[:, perm], h[perm][:, perm]
+    plan = plan_columns(h, spec)
+    groups = max(plan.group_of) + 1
+    scales = torch.zeros((groups, rows), device=w.device)
+    zeros = torch.zeros_like(scales)
+    if plan.static:
+        scales, zeros = static_group_params(w, spec, torch.diag(h))
+    if plan.perm is not None:
+        w, h = w[:, plan.perm], h[plan.perm][:, plan.perm]
+    importance = torch.diag(h)
     hinv, damp = inverse_hessian_cholesky(h, spec.damp, spec.damp_retries)
 
     codes = torch.zeros_like(w)
-    scales, zeros = [], []
-    if spec.group_size == -1:
-        scale, zero = choose_qparams(w, spec.bits, spec.sym)
-        scales, zeros = [scale], [zero]
     block = spec.block_for(cols)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
+        if not plan.static and spec.block_start_scales:
+            # The paper's code: each group's grid from the block as it stands now, before
+            # the errors of the block's earlier columns are spread into it.
+            for g1 in range(i1, i2, spec.group_size):
+                g2 = g1 + spec.group_size
+                scales[plan.group_of[g1]], zeros[plan.group_of[g1]] = choose_group_params(
+                    w[:, g1:g2], spec, importance[g1:g2])
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if spec.group_size != -1:
-                if spec.static_groups:
-                    g = (int(perm[col]) if perm is not None else col) // spec.group_size
-                    scale, zero = static_scale[g], static_zero[g]
-                elif col % spec.group_size == 0:
-                    scale, zero = choose_qparams(w1[:, i:i + spec.group_size], spec.bits,
-                                                 spec.sym)
-                    scales.append(scale)
-                    zeros.append(zero)
-            q = quantize_codes(w1[:, i], scale, zero, spec.maxq)
+            g = plan.group_of[col]
+            if not plan.static and not spec.block_start_scales and col % spec.group_size == 0:
+                scales[g], zeros[g] = choose_group_params(
+                    w1[:, i:i + spec.group_size], spec, importance[col:col + spec.group_size])
+            q = quantize_codes(w1[:, i], scales[g], zeros[g], spec.maxq)
             codes[:, col] = q
-            dequantized = scale * (q - zero)
+            dequantized = scales[g] * (q - zeros[g])
             err = (w1[:, i] - dequantized) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    if spec.static_groups and spec.group_size != -1:
-        scales, zeros = static_scale, static_zero
-    else:
-        scales, zeros = torch.stack(scales), torch.stack(zeros)
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return QuantResult(codes.to(torch.uint8), scales, zeros.int(),
-                       _g_idx(spec, cols, perm, w.device), damp)
+    if plan.perm is not None:
+        codes = codes[:, torch.argsort(plan.perm)]
+    return QuantResult(codes.to(torch.uint8), scales, zeros.int(), plan.g_idx(w.device), damp)
 
 
 # --------------------------------------------------------------------------- fast
@@ -329,47 +442,44 @@ def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
     cols = weights[0].shape[1]
     check_spec(spec, cols)
     w, h = _prepare(torch.cat(list(weights)) if len(weights) > 1 else weights[0], hessian)
-    grouped = spec.group_size != -1
-    static = spec.static_groups and grouped
-    if static:
-        scales, zeros = _static_params(w, spec)
-    perm = None
-    if spec.desc_act:
-        perm = act_order_permutation(h)
-        w, h = w[:, perm], h[perm][:, perm]
+    plan = plan_columns(h, spec)
+    rows = w.shape[0]
+    if plan.static:
+        scales, zeros = static_group_params(w, spec, torch.diag(h))
+    else:
+        scales = torch.empty((max(plan.group_of) + 1, rows), device=w.device)
+        zeros = torch.empty_like(scales)
+    if plan.perm is not None:
+        w, h = w[:, plan.perm], h[plan.perm][:, plan.perm]
+    importance = torch.diag(h)
     hinv, damp = inverse_hessian_cholesky(h, spec.damp, spec.damp_retries)
     diag = torch.diag(hinv).tolist()
 
-    rows = w.shape[0]
     wt = w.T.contiguous()  # [cols, rows]: column `c` of the weight is row `c` here
     del w
     codes_t = torch.empty_like(wt)
-    if not grouped:
-        scale, zero = choose_qparams(wt.T, spec.bits, spec.sym)
-        scales, zeros = scale[None], zero[None]
-    elif not static:
-        scales = torch.empty((cols // spec.group_size, rows), device=wt.device)
-        zeros = torch.empty_like(scales)
-    if static:
-        original = perm if perm is not None else torch.arange(cols, device=wt.device)
-        group_of = (original // spec.group_size).tolist()
+    group_of = plan.group_of
+    gs = spec.group_size
 
     block = spec.block_for(cols)
     err_buf = torch.empty((block, rows), device=wt.device)
     dequantized = torch.empty(rows, device=wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
+        if not plan.static and spec.block_start_scales:
+            for g1 in range(i1, i2, gs):
+                scales[group_of[g1]], zeros[group_of[g1]] = choose_group_params(
+                    wt[g1:g1 + gs].T, spec, importance[g1:g1 + gs])
         w1 = wt[i1:i2]  # a view: updates land in `wt` directly
         hinv1 = hinv[i1:i2, i1:i2]
         err1 = err_buf[:i2 - i1]
         for i in range(i2 - i1):
             col = i1 + i
-            if static:
-                scale, zero = scales[group_of[col]], zeros[group_of[col]]
-            elif grouped and col % spec.group_size == 0:
-                g = col // spec.group_size
-                scale, zero = choose_qparams(w1[i:i + spec.group_size].T, spec.bits, spec.sym)
-                scales[g], zeros[g] = scale, zero
+            g = group_of[col]
+            if not plan.static and not spec.block_start_scales and col % gs == 0:
+                scales[g], zeros[g] = choose_group_params(w1[i:i + gs].T, spec,
+                                                          importance[col:col + gs])
+            scale, zero = scales[g], zeros[g]
             q = codes_t[col]
             torch.div(w1[i], scale, out=q)
             q.round_().add_(zero).clamp_(0, spec.maxq)
@@ -379,10 +489,10 @@ def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
         wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
 
     codes = codes_t.T
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+    if plan.perm is not None:
+        codes = codes[:, torch.argsort(plan.perm)]
     codes = codes.to(torch.uint8)
-    g_idx = _g_idx(spec, cols, perm, codes.device)
+    g_idx = plan.g_idx(codes.device)
     results, start = [], 0
     for size in sizes:
         part = slice(start, start + size)

@@ -1,11 +1,17 @@
 """Layer streaming: run calibration text through the model one decoder layer at a time.
 
 Only the decoder layer being quantized and the calibration activations live on the
-device; everything else stays in host memory. The first layer's inputs are captured once
-from a real forward of the whole model (a pre-hook records every argument the model
-passes -- masks, position ids, rotary embeddings, ALiBi biases -- then stops the forward),
-so the engine never re-implements any architecture's preamble. Each layer is then replayed
-from those inputs, quantized, and its quantized outputs become the next layer's inputs.
+device; everything else stays in host memory. Every layer's inputs are captured once from
+a real forward of the whole model in which each decoder layer only records what the model
+passes it -- masks, position ids, rotary embeddings, ALiBi biases -- and hands its input
+on, so the engine never re-implements any architecture's preamble. Models that mix
+attention types (`config.layer_types`: Gemma-2/3 sliding and full attention) give each
+layer its own mask and rotary table, so layer i is replayed with layer i's arguments, on
+the quantized outputs of layer i - 1.
+
+Forwards compute in `StreamOptions.compute_dtype` (fp32 on CPUs without native bf16; the
+stored bf16 on CUDA) while Hessians always accumulate in fp32; a layer is converted on its
+way to the device and restored to its stored dtype when it is done.
 
 Inside a layer, Linears that read the same tensor (q, k, v; gate, up) form a group that
 shares one Hessian and one solve. With true-sequential (the default) the groups are
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantkit.compute import compute_dtype, computing_in, stored_dtype
 from quantkit.errors import QuantizationError
 from quantkit.families import Family, supported_families
 from quantkit.gptq.algorithm import (
@@ -87,6 +94,7 @@ class StreamOptions:
     true_sequential: bool = True
     solver: str = "fast"
     activations_on_host: bool = False  # keep calibration activations in host memory
+    compute_dtype: torch.dtype | None = None  # None: see `quantkit.compute.compute_dtype`
 
 
 # --------------------------------------------------------------------------- discovery
@@ -181,11 +189,19 @@ def linear_groups(layer: nn.Module, family: Family | None,
 
 @dataclass
 class LayerInputs:
-    """What the model passes to the first decoder layer, one entry per batch."""
+    """What the model passes its decoder layers, one entry per batch.
+
+    `hidden` is the current layer's input (layer 0's at capture, then each layer's
+    outputs); `args[l][b]` and `kwargs[l][b]` are what layer `l` receives besides it.
+    Tensors that are the same object for several layers or batches are stored once.
+    """
 
     hidden: list[torch.Tensor]
-    args: list[tuple]
-    kwargs: list[dict]
+    args: list[list[tuple]]
+    kwargs: list[list[dict]]
+
+    def for_layer(self, index: int) -> tuple[list[tuple], list[dict]]:
+        return self.args[index], self.kwargs[index]
 
 
 def _to(obj, device):
@@ -200,6 +216,8 @@ def _to(obj, device):
 
 def _share_equal(obj, first):
     """Reuse batch 0's tensor where this batch's is identical (masks, rotary tables)."""
+    if obj is first:
+        return first
     if isinstance(obj, torch.Tensor) and isinstance(first, torch.Tensor):
         same = (obj.shape == first.shape and obj.dtype == first.dtype
                 and obj.device == first.device and torch.equal(obj, first))
@@ -241,42 +259,95 @@ def batches(total: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
 
 
-@torch.no_grad()
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
-                   batch_size: int, device: str, act_device: str) -> LayerInputs:
-    """Run the model up to its first decoder layer and keep what that layer receives."""
-    captured = LayerInputs([], [], [])
+class _Recorder:
+    """Stands in for one decoder layer's forward: records its inputs, returns its input."""
 
-    def grab(module, args, kwargs):
+    def __init__(self, index: int, last: bool, captured: LayerInputs, act_device: str,
+                 dtype: torch.dtype):
+        self.index, self.last, self.captured = index, last, captured
+        self.act_device, self.dtype = act_device, dtype
+
+    def __call__(self, *args, **kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.to(act_device))
-        captured.args.append(tuple(args[1:]))
-        captured.kwargs.append(kwargs)
-        raise _StopForward
+        if self.index == 0:
+            self.captured.hidden.append(hidden.to(self.act_device, self.dtype))
+        self.captured.args[self.index].append(tuple(args[1:]))
+        self.captured.kwargs[self.index].append(kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden
 
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
+                   batch_size: int, device: str, act_device: str,
+                   dtype: torch.dtype | None = None) -> LayerInputs:
+    """Run the model's preamble and keep what each decoder layer receives.
+
+    The layers themselves do not run (their weights are never touched): each one's
+    forward is replaced by a recorder that passes its input on, so the model computes
+    every per-layer argument itself. Should a model do something between layers that a
+    pass-through breaks, every layer falls back to layer 0's arguments, with a warning.
+    """
+    dtype = dtype or stored_dtype(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = [layers] + ([head] if isinstance(head, nn.Module) else [])
     if device != "cpu":
         _move_params(model, device, skip)
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    extra = _forward_kwargs(model)
     try:
-        for part in batches(len(input_ids), batch_size):
-            try:
-                model(input_ids=input_ids[part].to(device), **extra)
-            except _StopForward:
-                pass
-            else:
-                raise QuantizationError("the model ran to the end without calling its first "
-                                        "decoder layer; quantkit cannot capture its inputs")
+        try:
+            captured = _record(model, layers, input_ids, batch_size, device, act_device,
+                               dtype, every_layer=True)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            log.warning("recording every decoder layer's arguments failed (%s); replaying "
+                        "layer 0's arguments in every layer", exc)
+            captured = _record(model, layers, input_ids, batch_size, device, act_device,
+                               dtype, every_layer=False)
     finally:
-        handle.remove()
         if device != "cpu":
             _move_params(model, "cpu", skip)
-    for i in range(1, len(captured.kwargs)):
-        captured.args[i] = _share_equal(captured.args[i], captured.args[0])
-        captured.kwargs[i] = _share_equal(captured.kwargs[i], captured.kwargs[0])
+    for index in range(len(captured.args)):
+        for i in range(len(captured.args[index])):
+            for other in ((index, 0), (index - 1, i)):  # batch 0, then the layer before
+                if other[0] >= 0 and other != (index, i):
+                    captured.args[index][i] = _share_equal(
+                        captured.args[index][i], captured.args[other[0]][other[1]])
+                    captured.kwargs[index][i] = _share_equal(
+                        captured.kwargs[index][i], captured.kwargs[other[0]][other[1]])
+    return captured
+
+
+def _record(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
+            batch_size: int, device: str, act_device: str, dtype: torch.dtype, *,
+            every_layer: bool) -> LayerInputs:
+    count = len(layers) if every_layer else 1
+    captured = LayerInputs([], [[] for _ in range(count)], [[] for _ in range(count)])
+    own = [layers[index].__dict__.get("forward") for index in range(count)]  # e.g. hooks
+    for index in range(count):
+        layers[index].forward = _Recorder(index, index == count - 1, captured, act_device,
+                                          dtype)
+    extra = _forward_kwargs(model)
+    try:
+        with computing_in(model, dtype):
+            for part in batches(len(input_ids), batch_size):
+                try:
+                    model(input_ids=input_ids[part].to(device), **extra)
+                except _StopForward:
+                    pass
+                else:
+                    raise QuantizationError("the model ran to the end without calling its "
+                                            "decoder layers; quantkit cannot capture their "
+                                            "inputs")
+    finally:
+        for index in range(count):
+            if own[index] is None:
+                del layers[index].forward  # the class's forward again
+            else:
+                layers[index].forward = own[index]
+    if not every_layer:
+        captured.args = [captured.args[0]] * len(layers)
+        captured.kwargs = [captured.kwargs[0]] * len(layers)
     return captured
 
 
@@ -339,19 +410,49 @@ def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
 
 
 class LayerRunner:
-    """Forwards of one decoder layer over all calibration batches."""
+    """Forwards of decoder layer `index` over all calibration batches."""
 
-    def __init__(self, layer: nn.Module, inputs: LayerInputs, device: str):
+    def __init__(self, layer: nn.Module, inputs: LayerInputs, device: str, index: int = 0):
         self.layer = layer
         self.inputs = inputs
         self.device = device
+        self.args, self.kwargs = inputs.for_layer(index)
 
     def forward(self, i: int):
         hidden = self.inputs.hidden[i].to(self.device, non_blocking=True)
-        return _first(self.layer(hidden, *self.inputs.args[i], **self.inputs.kwargs[i]))
+        return _first(self.layer(hidden, *self.args[i], **self.kwargs[i]))
 
     def outputs(self, act_device: str) -> list[torch.Tensor]:
         return [self.forward(i).to(act_device) for i in range(len(self.inputs.hidden))]
+
+
+def layer_to(layer: nn.Module, device: str, dtype: torch.dtype) -> list[tuple]:
+    """Move `layer` to `device`, converting tensors in the stored half precision to `dtype`
+    (fp32 buffers such as rotary frequencies stay fp32); returns what `layer_back` needs."""
+    restore = []
+    for module in layer.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None:
+                    continue
+                target = dtype if t.is_floating_point() and t.dtype in _HALF else t.dtype
+                restore.append((table, key, t.dtype))
+                moved = t.data.to(device, target)
+                table[key] = nn.Parameter(moved, requires_grad=False) \
+                    if isinstance(t, nn.Parameter) else moved
+    return restore
+
+
+def layer_back(restore: list[tuple]) -> None:
+    """Back to host memory in the stored dtypes (the dequantized weights included)."""
+    for table, key, dtype in restore:
+        t = table[key]
+        moved = t.data.to("cpu", dtype)
+        table[key] = nn.Parameter(moved, requires_grad=False) \
+            if isinstance(t, nn.Parameter) else moved
+
+
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
@@ -407,14 +508,16 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
     act_device = "cpu" if options.activations_on_host else device
     layers_path, layers = find_decoder_layers(model, family, label)
     batch_size = options.batch_size or auto_batch_size(input_ids.shape[1])
+    dtype = options.compute_dtype or compute_dtype(device, stored_dtype(model))
     with timer.phase("capture"):
-        inputs = capture_inputs(model, layers, input_ids, batch_size, device, act_device)
+        inputs = capture_inputs(model, layers, input_ids, batch_size, device, act_device,
+                                dtype)
     result = QuantizedLayers(layers_path)
     progress = tqdm(layers, desc="GPTQ", unit="layer", leave=False)
     for index, layer in enumerate(progress):
         prefix = f"{layers_path}.{index}"
-        layer.to(device)
-        runner = LayerRunner(layer, inputs, device)
+        restore = layer_to(layer, device, dtype)
+        runner = LayerRunner(layer, inputs, device, index)
         modules = dict(layer.named_modules())
         groups = linear_groups(layer, family, functools.partial(runner.forward, 0))
         stages = [[g] for g in groups] if options.true_sequential else [groups]
@@ -436,7 +539,7 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
             del hooks
         with timer.phase("forwards"):
             inputs.hidden = runner.outputs(act_device)
-        layer.to("cpu")
+        layer_back(restore)
         errors = [r for r in result.reports if r.name.startswith(prefix + ".")]
         progress.set_postfix(error=f"{sum(r.error for r in errors) / len(errors):.4g}")
     progress.close()

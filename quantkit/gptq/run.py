@@ -22,9 +22,10 @@ from quantkit.checkpoint import (
     folder_size,
     parse_size,
 )
+from quantkit.compute import COMPUTE_DTYPES, compute_dtype, dtype_name, stored_dtype
 from quantkit.errors import ConfigError, QuantizationError
 from quantkit.families import Family, family_for
-from quantkit.gptq.algorithm import SUPPORTED_BITS, QuantSpec
+from quantkit.gptq.algorithm import SCALE_SEARCHES, SUPPORTED_BITS, QuantSpec
 from quantkit.gptq.artifact import write_artifact
 from quantkit.gptq.calibrate import (
     SOLVERS,
@@ -59,8 +60,11 @@ class GPTQConfig:
     sym: bool = True
     desc_act: bool = False
     static_groups: bool = False
+    group_aware: bool = True  # reorder whole groups by activation energy; g_idx stays trivial
+    scale_search: str = "hessian"  # minmax | mse | hessian
+    block_start_scales: bool = True  # False: the grid from already-updated columns (0.1.0)
     true_sequential: bool = True
-    damp: float = 0.01
+    damp: float = 0.05
     calib: Path | None = None  # None: the mixed Chinese/English set in calib_data/
     calib_format: str = "auto"  # text, chat, mixed; auto: see quantkit.data.resolve_format
     nsamples: int = 128
@@ -73,6 +77,7 @@ class GPTQConfig:
     solver: str = "fast"  # "reference": the paper's loop, one matrix at a time
     max_gpu_memory: str | None = None  # e.g. "24GiB": keep activations on the host if needed
     seed: int = 0
+    compute_dtype: str = "auto"  # auto: fp32 on CPU, as stored on CUDA
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -88,6 +93,12 @@ class GPTQConfig:
                             ("--batch-size", self.batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be a positive number")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ConfigError(f"--scale-search {self.scale_search}: choose one of "
+                              f"{', '.join(SCALE_SEARCHES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"--compute-dtype {self.compute_dtype}: choose one of "
+                              f"{', '.join(COMPUTE_DTYPES)}")
         if self.static_groups and not self.desc_act:
             log.debug("--static-groups has no effect without --desc-act")
         if self.solver not in SOLVERS:
@@ -97,11 +108,16 @@ class GPTQConfig:
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym,
                          desc_act=self.desc_act, static_groups=self.static_groups,
-                         damp=self.damp)
+                         group_aware=self.group_aware and not self.desc_act,
+                         scale_search=self.scale_search,
+                         block_start_scales=self.block_start_scales, damp=self.damp)
 
     def settings(self) -> dict:
+        spec = self.spec
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym,
                 "desc_act": self.desc_act, "static_groups": self.static_groups,
+                "group_aware": spec.group_aware, "scale_search": self.scale_search,
+                "block_start_scales": self.block_start_scales,
                 "true_sequential": self.true_sequential, "damp_percent": self.damp,
                 "solver": self.solver, "checkpoint_format": "gptq"}
 
@@ -129,16 +145,22 @@ def check_seqlen(ckpt: Checkpoint, seqlen: int) -> None:
 def check_layers(model: nn.Module, family: Family | None, spec: QuantSpec, label: str) -> None:
     """Every Linear to quantize must split into whole groups and pack into whole words."""
     layers_path, layers = find_decoder_layers(model, family, label)
+    widths = {m.in_features for layer in layers for m in layer.modules()
+              if isinstance(m, nn.Linear)}
     for index, layer in enumerate(layers):
         for name, module in layer.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
             full = f"{layers_path}.{index}.{name}"
             if spec.group_size != -1 and module.in_features % spec.group_size:
+                # A ragged last group would be valid in the v1 layout and for the torch
+                # kernels, but vLLM's Marlin refuses it; refusing here keeps every output
+                # loadable everywhere.
+                fits = [g for g in GROUP_SIZES if g != -1 and all(w % g == 0 for w in widths)]
                 raise ConfigError(
                     f"--group-size {spec.group_size}: does not divide the input size "
-                    f"{module.in_features} of {full}; choose a group size that divides it, "
-                    "or -1")
+                    f"{module.in_features} of {full}; group sizes that divide every layer "
+                    f"of this model: {', '.join(map(str, fits + [-1]))}")
             reason = check_packable(module.out_features, module.in_features, spec.bits)
             if reason:
                 raise QuantizationError(f"{full} cannot be stored as {spec.bits}-bit GPTQ: "
@@ -201,7 +223,17 @@ def stream_options(cfg: GPTQConfig, model: nn.Module, family: Family | None, dev
                      cfg.max_gpu_memory)
     return StreamOptions(device=device, batch_size=cfg.batch_size or auto_batch_size(seqlen),
                          true_sequential=cfg.true_sequential, solver=cfg.solver,
-                         activations_on_host=on_host)
+                         activations_on_host=on_host,
+                         compute_dtype=calibration_dtype(cfg, model, device))
+
+
+def calibration_dtype(cfg: GPTQConfig, model: nn.Module, device: str) -> torch.dtype:
+    """fp32 forwards on any CPU unless asked otherwise: even where bf16 is native, its
+    rounded activations cost GPTQ measurable quality (bench/RESULTS.md), and CPU runs are
+    for models small enough to afford it. CUDA: bf16 forwards, fp32 Hessians."""
+    if cfg.compute_dtype == "auto" and device == "cpu":
+        return torch.float32
+    return compute_dtype(device, stored_dtype(model), cfg.compute_dtype)
 
 
 # --------------------------------------------------------------------------- run
@@ -268,10 +300,11 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
     """
     t0 = time.perf_counter()
     label = str(source.path)
-    log.info("GPTQ %d-bit, group %d%s%s on %s: %d x %d calibration tokens", cfg.bits,
-             cfg.group_size, "" if cfg.sym else ", asym", ", act-order" if cfg.desc_act else "",
-             device, input_ids.shape[0], input_ids.shape[1])
     options = stream_options(cfg, model, family, device, label, input_ids)
+    log.info("GPTQ %d-bit, group %d%s%s on %s computing in %s: %d x %d calibration tokens",
+             cfg.bits, cfg.group_size, "" if cfg.sym else ", asym",
+             ", act-order" if cfg.desc_act else "", device, dtype_name(options.compute_dtype),
+             input_ids.shape[0], input_ids.shape[1])
     layers = quantize_layers(model, input_ids, cfg.spec, family=family, options=options,
                              timer=timer, label=label)
     manifest = {
@@ -281,6 +314,8 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
                         "batch_size": options.batch_size, "seed": cfg.seed,
                         **({"report": calibration_report} if calibration_report else {})},
         "device": device,
+        "stored_dtype": dtype_name(stored_dtype(model)),
+        "compute_dtype": dtype_name(options.compute_dtype),
         "layers": {r.name: {"error": round(r.error, 6), "rtn_error": round(r.rtn_error, 6),
                             "damp": r.damp} for r in layers.reports},
         "mean_error": round(_mean(r.error for r in layers.reports), 6),
