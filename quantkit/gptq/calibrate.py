@@ -15,10 +15,11 @@ before it; that forward stops as soon as the group's input has been seen.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from quantkit.gptq.algorithm import (
     output_errors,
     rtn_quantize,
 )
+from quantkit.gptq.distributed import SingleProcess
 from quantkit.gptq.pack import PackedLinear, pack_result
 from quantkit.gptq.timing import PhaseTimer
 
@@ -226,6 +228,33 @@ def _move_params(module: nn.Module, device, skip: Sequence[nn.Module]) -> None:
                 m._buffers[key] = b.to(device)
 
 
+class HostLayers:
+    """Where layers come from when the whole model is in host memory: each decoder layer
+    visits the device while it is processed (`lazy_model.LazyLayers` reads them from disk
+    instead)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def fetch(self, index: int, layer: nn.Module) -> None:
+        layer.to(self.device)
+
+    def release(self, index: int, layer: nn.Module, result: QuantizedLayers) -> None:
+        layer.to("cpu")
+
+    @contextlib.contextmanager
+    def outside(self, model: nn.Module, skip: Sequence[nn.Module]) -> Iterator[None]:
+        """The modules outside `skip` on the device for the capture forward."""
+        if self.device == "cpu":
+            yield
+            return
+        _move_params(model, self.device, skip)
+        try:
+            yield
+        finally:
+            _move_params(model, "cpu", skip)
+
+
 def _forward_kwargs(model: nn.Module) -> dict:
     params = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -243,8 +272,10 @@ def batches(total: int, batch_size: int) -> list[slice]:
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
-                   batch_size: int, device: str, act_device: str) -> LayerInputs:
+                   batch_size: int, device: str, act_device: str,
+                   source: HostLayers | None = None) -> LayerInputs:
     """Run the model up to its first decoder layer and keep what that layer receives."""
+    source = source or HostLayers(device)
     captured = LayerInputs([], [], [])
 
     def grab(module, args, kwargs):
@@ -257,23 +288,21 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = [layers] + ([head] if isinstance(head, nn.Module) else [])
-    if device != "cpu":
-        _move_params(model, device, skip)
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     extra = _forward_kwargs(model)
     try:
-        for part in batches(len(input_ids), batch_size):
-            try:
-                model(input_ids=input_ids[part].to(device), **extra)
-            except _StopForward:
-                pass
-            else:
-                raise QuantizationError("the model ran to the end without calling its first "
-                                        "decoder layer; quantkit cannot capture its inputs")
+        with source.outside(model, skip):
+            for part in batches(len(input_ids), batch_size):
+                try:
+                    model(input_ids=input_ids[part].to(device), **extra)
+                except _StopForward:
+                    pass
+                else:
+                    raise QuantizationError("the model ran to the end without calling its "
+                                            "first decoder layer; quantkit cannot capture its "
+                                            "inputs")
     finally:
         handle.remove()
-        if device != "cpu":
-            _move_params(model, "cpu", skip)
     for i in range(1, len(captured.kwargs)):
         captured.args[i] = _share_equal(captured.args[i], captured.args[0])
         captured.kwargs[i] = _share_equal(captured.kwargs[i], captured.kwargs[0])
@@ -395,25 +424,33 @@ def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
 @torch.no_grad()
 def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, *,
                     family: Family | None, options: StreamOptions, timer: PhaseTimer,
-                    label: str) -> QuantizedLayers:
+                    label: str, source: HostLayers | None = None,
+                    parallel: SingleProcess | None = None) -> QuantizedLayers:
     """Quantize every Linear of every decoder layer of `model` (in host memory) in place.
 
     On return the model's Linear weights hold their dequantized values (a fake-quantized
-    model) and the result holds the packed tensors to write.
+    model) and the result holds the packed tensors to write. `source` says where layers
+    come from and go after (default: host memory; `lazy_model.LazyLayers` reads them from
+    disk and streams them out, leaving nothing in the result), `parallel` how this process
+    shares the work with other ranks (`distributed`; `input_ids` are then this rank's rows).
     """
     if options.solver not in SOLVERS:
         raise ValueError(f"solver {options.solver!r}: expected one of {SOLVERS}")
     device = options.device
     act_device = "cpu" if options.activations_on_host else device
+    source = source or HostLayers(device)
+    parallel = parallel or SingleProcess(device)
     layers_path, layers = find_decoder_layers(model, family, label)
     batch_size = options.batch_size or auto_batch_size(input_ids.shape[1])
     with timer.phase("capture"):
-        inputs = capture_inputs(model, layers, input_ids, batch_size, device, act_device)
+        inputs = capture_inputs(model, layers, input_ids, batch_size, device, act_device,
+                                source)
     result = QuantizedLayers(layers_path)
-    progress = tqdm(layers, desc="GPTQ", unit="layer", leave=False)
+    progress = tqdm(layers, desc="GPTQ", unit="layer", leave=False,
+                    disable=not parallel.is_main)
     for index, layer in enumerate(progress):
         prefix = f"{layers_path}.{index}"
-        layer.to(device)
+        source.fetch(index, layer)
         runner = LayerRunner(layer, inputs, device)
         modules = dict(layer.named_modules())
         groups = linear_groups(layer, family, functools.partial(runner.forward, 0))
@@ -430,14 +467,20 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
                             pass
             finally:
                 hooks.remove()
+            with timer.phase("reduce"):
+                owners = parallel.reduce_hessians(hooks.hessians, hooks.rows, modules, stage,
+                                                  index)
             for group in stage:
-                _solve_group(modules, group, prefix, hooks.hessians[group[0]],
-                             hooks.rows[group[0]], spec, options.solver, timer, result)
+                if parallel.solves(owners[group[0]]):
+                    _solve_group(modules, group, prefix, hooks.hessians[group[0]],
+                                 hooks.rows[group[0]], spec, options.solver, timer, result)
+                with timer.phase("reduce"):
+                    parallel.share_group(modules, group, prefix, owners[group[0]], result)
             del hooks
         with timer.phase("forwards"):
             inputs.hidden = runner.outputs(act_device)
-        layer.to("cpu")
         errors = [r for r in result.reports if r.name.startswith(prefix + ".")]
+        source.release(index, layer, result)
         progress.set_postfix(error=f"{sum(r.error for r in errors) / len(errors):.4g}")
     progress.close()
     return result
