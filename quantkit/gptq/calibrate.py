@@ -316,8 +316,17 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+# Each batch's X^T X is a float32 product; the running sum is float64. Adding a few dozen
+# float32 terms in float64 is exact in practice, so the Hessian does not depend on the
+# order batches are summed in: one process and N ranks (each summing its own batches,
+# then summed across ranks) get the same bits, and so the same GPTQ codes. A float32 sum
+# would differ in its last bits, flip a few codes, and through the quantized layer change
+# every later layer's inputs. The solver gets the float32 value.
+HESSIAN_SUM_DTYPE = torch.float64
+
+
 class _HessianHooks:
-    """Accumulate X^T X (float32) for the first Linear of each group during forwards."""
+    """Accumulate X^T X for the first Linear of each group during forwards."""
 
     def __init__(self, modules: dict[str, nn.Module], groups: list[list[str]], device: str,
                  timer: PhaseTimer):
@@ -330,7 +339,7 @@ class _HessianHooks:
             key = group[0]
             module = modules[key]
             self.hessians[key] = torch.zeros((module.in_features, module.in_features),
-                                             dtype=torch.float32, device=device)
+                                             dtype=HESSIAN_SUM_DTYPE, device=device)
             self.rows[key] = 0
             self.handles.append(module.register_forward_pre_hook(self._hook(key)))
 
@@ -354,7 +363,8 @@ _MM_OUT_DTYPE: dict[str, bool] = {}
 
 
 def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
-    """hessian += x^T x in float32; on CUDA straight from bf16/fp16 products when supported."""
+    """hessian += x^T x, the product in float32 (on CUDA straight from bf16/fp16 when
+    supported)."""
     device_type = x.device.type
     if x.dtype != torch.float32 and _MM_OUT_DTYPE.get(device_type, device_type == "cuda"):
         try:
@@ -364,7 +374,7 @@ def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE[device_type] = False
     xf = x.float()
-    hessian.addmm_(xf.T, xf)
+    hessian.add_(torch.mm(xf.T, xf))
 
 
 class LayerRunner:
@@ -472,7 +482,7 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
                                                   index)
             for group in stage:
                 if parallel.solves(owners[group[0]]):
-                    _solve_group(modules, group, prefix, hooks.hessians[group[0]],
+                    _solve_group(modules, group, prefix, hooks.hessians[group[0]].float(),
                                  hooks.rows[group[0]], spec, options.solver, timer, result)
                 with timer.phase("reduce"):
                     parallel.share_group(modules, group, prefix, owners[group[0]], result)
