@@ -145,3 +145,27 @@ def test_checkpoint_stream_leaves_nothing_when_the_producer_fails(tiny_model, tm
     assert json.loads((dest / "quantkit.json").read_text())["note"] == 1
     assert (dest / "tokenizer.json").is_file()
     assert _tensors(dest).keys() == set(source.tensor_names())
+
+
+@pytest.mark.gpu
+def test_host_resident_activations_give_the_same_codes_on_cuda(tiny_model):
+    """--max-gpu-memory path: batches copied ahead on a side stream, outputs copied back
+    while the next batch computes; the codes must not change."""
+    ckpt = open_checkpoint(tiny_model("llama", num_hidden_layers=3))
+    family = family_for(ckpt.config)
+    packed = {}
+    for on_host in (False, True):
+        model = build_skeleton(ckpt, trust_remote_code=False)
+        layers_path, _ = find_decoder_layers(model, family, "llama")
+        lazy = LazyLayers(model, ckpt, key_renamer(model), device="cuda",
+                          layers_path=layers_path)
+        kept = {}
+        lazy.sink = lambda index, result, kept=kept: kept.update(result.packed)
+        quantize_layers(model, _ids(16), QuantSpec(), family=family,
+                        options=StreamOptions(device="cuda", batch_size=2,
+                                              activations_on_host=on_host),
+                        timer=PhaseTimer("cuda"), label="llama", source=lazy)
+        packed[on_host] = kept
+    assert packed[False].keys() == packed[True].keys()
+    for name in packed[False]:
+        assert torch.equal(packed[False][name].qweight, packed[True][name].qweight), name

@@ -38,6 +38,7 @@ from quantkit.gptq.algorithm import (
     rtn_quantize,
 )
 from quantkit.gptq.distributed import SingleProcess
+from quantkit.gptq.offload import HostBatches
 from quantkit.gptq.pack import PackedLinear, pack_result
 from quantkit.gptq.timing import PhaseTimer
 
@@ -384,13 +385,23 @@ class LayerRunner:
         self.layer = layer
         self.inputs = inputs
         self.device = device
+        on_host = device != "cpu" and inputs.hidden and inputs.hidden[0].device.type == "cpu"
+        # --max-gpu-memory: batches stream from host memory, copies overlapped with compute
+        self.feed = HostBatches(inputs.hidden, device) if on_host else None
 
     def forward(self, i: int):
-        hidden = self.inputs.hidden[i].to(self.device, non_blocking=True)
+        if self.feed is not None:
+            hidden = self.feed.get(i)
+        else:
+            hidden = self.inputs.hidden[i].to(self.device, non_blocking=True)
         return _first(self.layer(hidden, *self.inputs.args[i], **self.inputs.kwargs[i]))
 
     def outputs(self, act_device: str) -> list[torch.Tensor]:
-        return [self.forward(i).to(act_device) for i in range(len(self.inputs.hidden))]
+        if self.feed is None or act_device != "cpu":
+            return [self.forward(i).to(act_device) for i in range(len(self.inputs.hidden))]
+        outputs = [self.feed.to_host(self.forward(i)) for i in range(len(self.inputs.hidden))]
+        self.feed.wait()
+        return outputs
 
 
 def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
