@@ -174,10 +174,13 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float,
         h = hessian.clone()
         h.diagonal().add_(d * mean_diag)
         lower, info = torch.linalg.cholesky_ex(h)
+        del h  # at most two Hessian-sized temporaries at once (host memory on big layers)
         if info.item() != 0:
             continue
         hinv = torch.cholesky_inverse(lower)
+        del lower
         upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        del hinv
         if info.item() == 0 and bool(torch.isfinite(upper).all()):
             return upper, d
     raise NotPositiveDefinite(tried, nonfinite)

@@ -492,9 +492,12 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
                 owners = parallel.reduce_hessians(hooks.hessians, hooks.rows, modules, stage,
                                                   index)
             for group in stage:
+                # float32 for the solver; the float64 sum is freed before the solve starts
+                hessian = hooks.hessians.pop(group[0]).float()
                 if parallel.solves(owners[group[0]]):
-                    _solve_group(modules, group, prefix, hooks.hessians[group[0]].float(),
-                                 hooks.rows[group[0]], spec, options.solver, timer, result)
+                    _solve_group(modules, group, prefix, hessian, hooks.rows[group[0]], spec,
+                                 options.solver, timer, result)
+                del hessian
                 with timer.phase("reduce"):
                     parallel.share_group(modules, group, prefix, owners[group[0]], result)
             del hooks

@@ -19,7 +19,10 @@ one tensor of the output writer, not the model.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -62,6 +65,37 @@ def build_skeleton(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
     return model.eval()
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD = 4 << 20
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def give_back_freed_memory(first: bool = False) -> None:
+    """Make freed layers leave the process, not just the Python heap.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after
+    which a layer's 8-32 MB tensors come from the heap, whose freed middle is not returned:
+    RSS then grows layer after layer (2.2 GB instead of 1.3 GB on the 1.2B bench model). A
+    fixed 4 MB threshold keeps every weight-sized block in its own mapping, unmapped when
+    freed; `malloc_trim` returns what the heap still holds. No-op off glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        return
+    if first:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    libc.malloc_trim(0)
+
+
 def _is_meta(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and tensor.device.type == "meta"
 
@@ -86,6 +120,7 @@ class LazyLayers:
         self.on_layer = on_layer
         self.tensor_of = {rename(name): name for name in ckpt.tensor_names()}
         self._started: dict[int, float] = {}
+        give_back_freed_memory(first=True)
         self.seconds: dict[int, float] = {}  # decoder layer -> wall seconds, fetch to release
 
     # ---------------------------------------------------------------- filling
@@ -144,6 +179,7 @@ class LazyLayers:
         for name in [n for n in result.packed if n.startswith(prefix)]:
             del result.packed[name]  # written (rank 0) or not ours to write: drop it
         self.to_meta(layer)
+        give_back_freed_memory()
         seconds = time.perf_counter() - self._started.pop(index)
         self.seconds[index] = seconds
         log.debug("layer %d: %.2f s", index, seconds)
