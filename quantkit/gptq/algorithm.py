@@ -194,10 +194,12 @@ def act_order_permutation(hessian: torch.Tensor) -> torch.Tensor:
 def _prepare(weight: torch.Tensor, hessian: torch.Tensor):
     """Float32 copies with dead inputs (never activated) zeroed and made invertible."""
     w = weight.float().clone()
-    h = hessian.float().clone()
+    h = hessian.float()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    if bool(dead.any()):  # copy the Hessian only to change it: it is the largest matrix
+        h = h.clone()
+        h[dead, dead] = 1
+        w[:, dead] = 0
     return w, h
 
 
