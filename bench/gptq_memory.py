@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--rank-layers", type=int, default=4,
                         help="layers of the 1-vs-2-rank timing model (same layer shape)")
     parser.add_argument("--skip-ranks", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" /
                                              "gptq_memory_cpu.json"))
     args = parser.parse_args()
@@ -251,19 +252,20 @@ def main() -> None:
     tokens = args.nsamples * args.seqlen
     print(f"model: {total_params(SHAPE_1B) / 1e9:.3f} B parameters, {source_bytes / 1e9:.2f} GB",
           flush=True)
-    memory = run_child(model, work / "out-1.2b", args)
-    peak = memory["peak_rss_getrusage"] or max(x["peak_rss"] for x in memory["layers"])
-    print(f"peak RSS {peak / 1e9:.3f} GB (target < {TARGET_BYTES / 1e9} GB), "
-          f"{memory['seconds']} s", flush=True)
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "torch": torch.__version__, "cpus": os.cpu_count(),
         "model": {**SHAPE_1B, "params": total_params(SHAPE_1B), "bytes": source_bytes},
         "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
-        "memory": {**memory, "peak_rss": peak, "target": TARGET_BYTES,
-                   "under_target": peak < TARGET_BYTES},
-        "extrapolated": extrapolate(memory, tokens),
     }
+    if not args.skip_memory:
+        memory = run_child(model, work / "out-1.2b", args)
+        peak = memory["peak_rss_getrusage"] or max(x["peak_rss"] for x in memory["layers"])
+        print(f"peak RSS {peak / 1e9:.3f} GB (target < {TARGET_BYTES / 1e9} GB), "
+              f"{memory['seconds']} s", flush=True)
+        result["memory"] = {**memory, "peak_rss": peak, "target": TARGET_BYTES,
+                            "under_target": peak < TARGET_BYTES}
+        result["extrapolated"] = extrapolate(memory, tokens)
     if not args.skip_ranks:
         small = build_model(work / f"llama-1.2b-shape-{args.rank_layers}-layers",
                             dict(SHAPE_1B, layers=args.rank_layers))

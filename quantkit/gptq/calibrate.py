@@ -361,6 +361,7 @@ class _HessianHooks:
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}
+_GRAM_BLOCK_ELEMENTS = 8 << 20  # 32 MB of float32 per partial product
 
 
 def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
@@ -375,7 +376,11 @@ def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE[device_type] = False
     xf = x.float()
-    hessian.add_(torch.mm(xf.T, xf))
+    # A block of columns at a time: the float32 product of a 11008-wide input alone would
+    # be 485 MB next to the float64 sum (host memory on CPU runs of big layers).
+    step = max(1, _GRAM_BLOCK_ELEMENTS // xf.shape[1])
+    for j in range(0, xf.shape[1], step):
+        hessian[:, j:j + step].add_(torch.mm(xf.T, xf[:, j:j + step]))
 
 
 class LayerRunner:

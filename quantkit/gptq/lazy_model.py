@@ -96,6 +96,14 @@ def give_back_freed_memory(first: bool = False) -> None:
     libc.malloc_trim(0)
 
 
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite in slices: on a whole embedding matrix its temporaries cost more host
+    memory than the matrix."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all())
+               for i in range(0, flat.numel(), chunk))
+
+
 def _is_meta(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and tensor.device.type == "meta"
 
@@ -135,14 +143,15 @@ class LazyLayers:
                                     f"{tuple(tensor.shape)}, the model expects "
                                     f"{tuple(like.shape)}")
         if tensor.is_floating_point():
-            if not bool(torch.isfinite(tensor).all()):
-                raise QuantizationError(
-                    f"{self.ckpt.path}: tensor {stored} contains NaN or Inf values; the "
-                    "checkpoint is damaged, download or convert it again")
             tensor = tensor.to(like.dtype)
         # A copy owned by this process: the memory map is dropped right after, and the
         # solver writes the quantized values into the weights in place.
-        return tensor.to(self.device, copy=True)
+        tensor = tensor.to(self.device, copy=True)
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise QuantizationError(
+                f"{self.ckpt.path}: tensor {stored} contains NaN or Inf values; the "
+                "checkpoint is damaged, download or convert it again")
+        return tensor
 
     def materialize(self, module: nn.Module, prefix: str, recurse: bool = True) -> None:
         """Replace `module`'s meta parameters (and persistent meta buffers) by real ones."""
