@@ -826,3 +826,119 @@ def write_checkpoint(
 
 def folder_size(folder: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class StreamingShardWriter(ShardedWriter):
+    """A `ShardedWriter` that holds no shard in memory: each tensor goes to disk on `add`.
+
+    A safetensors header comes before the data it describes, so tensor bytes are appended
+    to a `.data.partial` file and the shard is assembled (header, then the data copied in
+    chunks) when it is full. Host memory is one tensor plus a copy buffer, whatever
+    `max_shard_size` says; the price is writing each shard twice to disk (page cache,
+    not process memory). Used for models that do not fit in host memory.
+    """
+
+    _COPY_CHUNK = 64 << 20
+
+    def __init__(self, folder: Path, *, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE):
+        super().__init__(folder, max_shard_size=max_shard_size, weight_format="safetensors")
+        self._data = None  # open .data.partial file of the shard being written
+        self._header: dict[str, dict] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header or any(name in names for _, names in self._shards):
+            raise ValueError(f"tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._header and self._pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        if self._data is None:
+            self._data = open(self.folder / f"shard-{len(self._shards):05d}.data.partial", "wb")
+        tensor = tensor.detach().to("cpu").contiguous()
+        start = self._pending_bytes
+        if nbytes:
+            self._data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self._header[name] = {"dtype": _SAFETENSORS_CODES[tensor.dtype],
+                              "shape": list(tensor.shape),
+                              "data_offsets": [start, start + nbytes]}
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if self._data is None:
+            return
+        data_path = Path(self._data.name)
+        self._data.close()
+        self._data = None
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes
+        tmp_name = f"shard-{len(self._shards):05d}.partial"
+        with open(self.folder / tmp_name, "wb") as out, open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, self._COPY_CHUNK)
+        data_path.unlink()
+        self._shards.append((tmp_name, list(self._header)))
+        self._header, self._pending_bytes = {}, 0
+
+    def abort(self) -> None:
+        """Close the open data file (the atomic folder around it removes the files)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
+
+@dataclass
+class CheckpointStream:
+    """An output checkpoint being written tensor by tensor (see `checkpoint_stream`).
+
+    Fill `config`, `extra_files` and `manifest_extra` before the `with` block ends; they
+    are written after the last tensor, then the folder is renamed into place.
+    """
+
+    folder: Path
+    writer: StreamingShardWriter
+    config: dict | None = None
+    extra_files: dict[str, dict] = field(default_factory=dict)
+    manifest_extra: dict = field(default_factory=dict)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.add(name, tensor)
+
+    def add_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.writer.add_all(tensors)
+
+
+@contextlib.contextmanager
+def checkpoint_stream(dest: str | os.PathLike, *, source: Checkpoint, force: bool = False,
+                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
+                      ) -> Iterator[CheckpointStream]:
+    """`write_checkpoint` for producers that make tensors one at a time over a long run.
+
+    The same rules hold: a temporary sibling folder, the source's non-weight files,
+    config.json, the manifest, and a rename only when the block completes; an exception
+    anywhere in the block (on this process or, through a collective, on another rank)
+    leaves nothing behind.
+    """
+    started = _dt.datetime.now(_dt.timezone.utc)
+    with atomic_output(dest, source=source.path, force=force) as tmp:
+        copy_non_weight_files(source, tmp)
+        stream = CheckpointStream(tmp, StreamingShardWriter(tmp, max_shard_size=max_shard_size))
+        try:
+            yield stream
+        except BaseException:
+            stream.writer.abort()
+            raise
+        stream.writer.close()
+        write_json(tmp / "config.json", stream.config if stream.config is not None
+                   else source.config)
+        for name, obj in stream.extra_files.items():
+            write_json(tmp / name, obj)
+        write_manifest(tmp, source=source, extra=stream.manifest_extra, started=started)
+    log.info("wrote %s", dest)

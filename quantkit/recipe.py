@@ -17,6 +17,7 @@ Schema (see README "Recipes"):
       - step: gptq
         name: gptq-int4                    # optional, unique; default: the step type
         input: convert                     # optional: a model-producing step or "source"
+        ranks: 4                           # optional, gptq only: torchrun --nproc-per-node 4
         bits: 4
         group_size: 128
       - step: eval
@@ -59,7 +60,7 @@ MODEL_STEPS = ("convert", "gptq", "bnb")  # steps that write a checkpoint folder
 RESULT_STEPS = ("eval", "mem")  # steps that write one JSON per model they measure
 STEP_TYPES = (*MODEL_STEPS, *RESULT_STEPS, "report", "push")
 TOP_LEVEL_KEYS = ("name", "model", "trust_remote_code", "steps", "description")
-STEP_META_KEYS = ("step", "name", "input", "models")
+STEP_META_KEYS = ("step", "name", "input", "models", "ranks")
 # Arguments the runner fills in itself; a recipe that sets them would fight the run folder.
 RUNNER_OWNED = {"out", "force", "source", "dest", "path", "model", "results", "kind_arg"}
 STATE_FILE = "run.json"
@@ -77,6 +78,7 @@ class Step:
     settings: dict
     input: str | None = None  # model-producing step name, "source" or None (the base)
     models: list[str] | None = None  # for eval/mem: which models to measure
+    ranks: int = 1  # gptq: processes sharing the calibration (torchrun on this machine)
 
 
 @dataclass
@@ -179,9 +181,14 @@ def _parse_step(path: Path, index: int, raw_step) -> Step:
         raise RecipeError(f"{where}: models: applies to eval and mem steps only")
     if raw_step.get("input") is not None and kind in ("report",):
         raise RecipeError(f"{where}: report takes no input:; it reads every result of the run")
+    ranks = raw_step.get("ranks", 1)
+    if ranks != 1 and kind != "gptq":
+        raise RecipeError(f"{where}: ranks: applies to gptq steps only")
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise RecipeError(f"{where}: ranks: {ranks!r} must be a positive whole number")
     return Step(type=kind, name=name, settings=settings,
                 input=raw_step.get("input"),
-                models=[str(m) for m in models] if models is not None else None)
+                models=[str(m) for m in models] if models is not None else None, ranks=ranks)
 
 
 def _check_references(recipe: Recipe) -> None:
@@ -432,6 +439,20 @@ def check_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool) -
                           "choose another --out")
 
 
+def _run_on_ranks(inv: Invocation) -> None:
+    """`torchrun --standalone --nproc-per-node N -m quantkit STEP ARGS`, as a user would
+    type it; the ranks print their own progress and their one error line."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(inv.step.ranks), "-m", "quantkit", inv.step.type, *inv.args]
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise QuantkitError(f"{inv.step.ranks} ranks exited with status {code}; the error "
+                            "is printed above")
+
+
 def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False,
                force: bool = False) -> list[Path]:
     """Run every step into `run_dir`; return the outputs. Stops at the first failing step."""
@@ -456,8 +477,12 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = Fal
                 continue
             log.info("step %s: quantkit %s %s", inv.label, inv.step.type, " ".join(inv.args))
             try:
-                _command(inv.step.type).main(args=inv.args, prog_name=f"quantkit {inv.step.type}",
-                                             standalone_mode=False)
+                if inv.step.ranks > 1:
+                    _run_on_ranks(inv)
+                else:
+                    _command(inv.step.type).main(args=inv.args,
+                                                 prog_name=f"quantkit {inv.step.type}",
+                                                 standalone_mode=False)
             except QuantkitError as exc:
                 raise QuantkitError(redact(
                     f"step {inv.label!r} failed: {exc} (earlier outputs are kept in {run_dir}; "

@@ -66,7 +66,8 @@ def test_every_family_writes_a_gptq_folder_that_loads_as_the_fake_quantized_mode
     src = tiny_model(family)
     remote = family in REMOTE
     cfg = GPTQConfig(source=src, dest=tmp_path / "gptq", nsamples=8, seqlen=64, device="cpu",
-                     trust_remote_code=remote, **FAMILY_SETTINGS[family])
+                     trust_remote_code=remote, load="whole",  # result.model fake-quantized
+                     **FAMILY_SETTINGS[family])
     result = gptq_quantize(cfg)
     out, bits = result.dest, cfg.bits
     group = cfg.group_size if cfg.group_size != -1 else None

@@ -65,16 +65,30 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
                    "is measured against.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-gpu-memory", default=None,
+              help="GPU budget, e.g. 24GiB: calibration activations that do not fit stay in "
+                   "host memory and move to the GPU one batch at a time.")
+@click.option("--load", "load", type=click.Choice(["lazy", "whole"]), default="lazy",
+              show_default=True,
+              help="lazy: read one decoder layer at a time from the shards; whole: load the "
+                   "model into host memory first.")
+@click.option("--hessian-reduce", type=click.Choice(["allreduce", "owner"]),
+              default="allreduce", show_default=True,
+              help="Under torchrun: sum Hessians on every rank, or on the one rank that "
+                   "solves each Linear group.")
 def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_act: bool,
             static_groups: bool, group_aware: bool, scale_search: str, true_sequential: bool,
             damp: float, calib: str | None, calib_format: str, nsamples: int, seqlen: int,
             batch_size: int | None, device: str, compute_dtype: str,
-            trust_remote_code: bool, method: str, force: bool, max_shard_size: str) -> None:
+            trust_remote_code: bool, method: str, force: bool, max_shard_size: str,
+            max_gpu_memory: str | None, load: str, hessian_reduce: str) -> None:
     """Quantize MODEL with GPTQ into a folder every GPTQ loader reads.
 
     Only the decoder layer being quantized and the calibration activations are on the
-    device. The output loads with transformers (optimum + gptqmodel), gptqmodel, vLLM,
-    exllamav2 and `quantkit.load`; quantkit.json records each layer's output error next to
+    device, and (with --load lazy) in host memory. Several processes share the
+    calibration rows when launched with `torchrun --nproc-per-node N -m quantkit gptq`.
+    The output loads with transformers (optimum + gptqmodel), gptqmodel, vLLM, exllamav2 and
+    `quantkit.load`; quantkit.json records each layer's output error next to
     round-to-nearest's.
     """
     cfg = GPTQConfig(
@@ -86,9 +100,12 @@ def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_ac
         nsamples=nsamples, seqlen=seqlen,
         batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
         force=force, max_shard_size=max_shard_size,
-        solver="rtn" if method == "rtn" else "fast",
+        solver="rtn" if method == "rtn" else "fast", max_gpu_memory=max_gpu_memory,
+        load=load, hessian_reduce=hessian_reduce,
     )
     result = gptq_quantize(cfg)
+    if not result.is_main:
+        return
     name = "round-to-nearest" if method == "rtn" else "GPTQ"
     click.echo(f"wrote {result.dest} ({name} {bits}-bit, group {group_size}, "
                f"{result.output_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")

@@ -243,10 +243,13 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float,
         h = hessian.clone()
         h.diagonal().add_(d * mean_diag)
         lower, info = torch.linalg.cholesky_ex(h)
+        del h  # at most two Hessian-sized temporaries at once (host memory on big layers)
         if info.item() != 0:
             continue
         hinv = torch.cholesky_inverse(lower)
+        del lower
         upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        del hinv
         if info.item() == 0 and bool(torch.isfinite(upper).all()):
             return upper, d
     raise NotPositiveDefinite(tried, nonfinite)
@@ -260,10 +263,12 @@ def act_order_permutation(hessian: torch.Tensor) -> torch.Tensor:
 def _prepare(weight: torch.Tensor, hessian: torch.Tensor):
     """Float32 copies with dead inputs (never activated) zeroed and made invertible."""
     w = weight.float().clone()
-    h = hessian.float().clone()
+    h = hessian.float()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    if bool(dead.any()):  # copy the Hessian only to change it: it is the largest matrix
+        h = h.clone()
+        h[dead, dead] = 1
+        w[:, dead] = 0
     return w, h
 
 

@@ -21,10 +21,11 @@ before it; that forward stops as soon as the group's input has been seen.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,8 @@ from quantkit.gptq.algorithm import (
     output_errors,
     rtn_quantize,
 )
+from quantkit.gptq.distributed import SingleProcess
+from quantkit.gptq.offload import HostBatches
 from quantkit.gptq.pack import PackedLinear, pack_result
 from quantkit.gptq.timing import PhaseTimer
 
@@ -244,6 +247,33 @@ def _move_params(module: nn.Module, device, skip: Sequence[nn.Module]) -> None:
                 m._buffers[key] = b.to(device)
 
 
+class HostLayers:
+    """Where layers come from when the whole model is in host memory: each decoder layer
+    visits the device while it is processed (`lazy_model.LazyLayers` reads them from disk
+    instead)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def fetch(self, index: int, layer: nn.Module) -> None:
+        layer.to(self.device)
+
+    def release(self, index: int, layer: nn.Module, result: QuantizedLayers) -> None:
+        layer.to("cpu")
+
+    @contextlib.contextmanager
+    def outside(self, model: nn.Module, skip: Sequence[nn.Module]) -> Iterator[None]:
+        """The modules outside `skip` on the device for the capture forward."""
+        if self.device == "cpu":
+            yield
+            return
+        _move_params(model, self.device, skip)
+        try:
+            yield
+        finally:
+            _move_params(model, "cpu", skip)
+
+
 def _forward_kwargs(model: nn.Module) -> dict:
     params = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -282,7 +312,8 @@ class _Recorder:
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
                    batch_size: int, device: str, act_device: str,
-                   dtype: torch.dtype | None = None) -> LayerInputs:
+                   dtype: torch.dtype | None = None,
+                   source: HostLayers | None = None) -> LayerInputs:
     """Run the model's preamble and keep what each decoder layer receives.
 
     The layers themselves do not run (their weights are never touched): each one's
@@ -291,11 +322,10 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
     pass-through breaks, every layer falls back to layer 0's arguments, with a warning.
     """
     dtype = dtype or stored_dtype(model)
+    source = source or HostLayers(device)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = [layers] + ([head] if isinstance(head, nn.Module) else [])
-    if device != "cpu":
-        _move_params(model, device, skip)
-    try:
+    with source.outside(model, skip):
         try:
             captured = _record(model, layers, input_ids, batch_size, device, act_device,
                                dtype, every_layer=True)
@@ -304,9 +334,6 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
                         "layer 0's arguments in every layer", exc)
             captured = _record(model, layers, input_ids, batch_size, device, act_device,
                                dtype, every_layer=False)
-    finally:
-        if device != "cpu":
-            _move_params(model, "cpu", skip)
     for index in range(len(captured.args)):
         for i in range(len(captured.args[index])):
             for other in ((index, 0), (index - 1, i)):  # batch 0, then the layer before
@@ -358,8 +385,17 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+# Each batch's X^T X is a float32 product; the running sum is float64. Adding a few dozen
+# float32 terms in float64 is exact in practice, so the Hessian does not depend on the
+# order batches are summed in: one process and N ranks (each summing its own batches,
+# then summed across ranks) get the same bits, and so the same GPTQ codes. A float32 sum
+# would differ in its last bits, flip a few codes, and through the quantized layer change
+# every later layer's inputs. The solver gets the float32 value.
+HESSIAN_SUM_DTYPE = torch.float64
+
+
 class _HessianHooks:
-    """Accumulate X^T X (float32) for the first Linear of each group during forwards."""
+    """Accumulate X^T X for the first Linear of each group during forwards."""
 
     def __init__(self, modules: dict[str, nn.Module], groups: list[list[str]], device: str,
                  timer: PhaseTimer):
@@ -372,7 +408,7 @@ class _HessianHooks:
             key = group[0]
             module = modules[key]
             self.hessians[key] = torch.zeros((module.in_features, module.in_features),
-                                             dtype=torch.float32, device=device)
+                                             dtype=HESSIAN_SUM_DTYPE, device=device)
             self.rows[key] = 0
             self.handles.append(module.register_forward_pre_hook(self._hook(key)))
 
@@ -393,10 +429,12 @@ class _HessianHooks:
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}
+_GRAM_BLOCK_ELEMENTS = 8 << 20  # 32 MB of float32 per partial product
 
 
 def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
-    """hessian += x^T x in float32; on CUDA straight from bf16/fp16 products when supported."""
+    """hessian += x^T x, the product in float32 (on CUDA straight from bf16/fp16 when
+    supported)."""
     device_type = x.device.type
     if x.dtype != torch.float32 and _MM_OUT_DTYPE.get(device_type, device_type == "cuda"):
         try:
@@ -406,7 +444,11 @@ def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE[device_type] = False
     xf = x.float()
-    hessian.addmm_(xf.T, xf)
+    # A block of columns at a time: the float32 product of a 11008-wide input alone would
+    # be 485 MB next to the float64 sum (host memory on CPU runs of big layers).
+    step = max(1, _GRAM_BLOCK_ELEMENTS // xf.shape[1])
+    for j in range(0, xf.shape[1], step):
+        hessian[:, j:j + step].add_(torch.mm(xf.T, xf[:, j:j + step]))
 
 
 class LayerRunner:
@@ -417,13 +459,23 @@ class LayerRunner:
         self.inputs = inputs
         self.device = device
         self.args, self.kwargs = inputs.for_layer(index)
+        on_host = device != "cpu" and inputs.hidden and inputs.hidden[0].device.type == "cpu"
+        # --max-gpu-memory: batches stream from host memory, copies overlapped with compute
+        self.feed = HostBatches(inputs.hidden, device) if on_host else None
 
     def forward(self, i: int):
-        hidden = self.inputs.hidden[i].to(self.device, non_blocking=True)
+        if self.feed is not None:
+            hidden = self.feed.get(i)
+        else:
+            hidden = self.inputs.hidden[i].to(self.device, non_blocking=True)
         return _first(self.layer(hidden, *self.args[i], **self.kwargs[i]))
 
     def outputs(self, act_device: str) -> list[torch.Tensor]:
-        return [self.forward(i).to(act_device) for i in range(len(self.inputs.hidden))]
+        if self.feed is None or act_device != "cpu":
+            return [self.forward(i).to(act_device) for i in range(len(self.inputs.hidden))]
+        outputs = [self.feed.to_host(self.forward(i)) for i in range(len(self.inputs.hidden))]
+        self.feed.wait()
+        return outputs
 
 
 def layer_to(layer: nn.Module, device: str, dtype: torch.dtype) -> list[tuple]:
@@ -496,26 +548,34 @@ def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
 @torch.no_grad()
 def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, *,
                     family: Family | None, options: StreamOptions, timer: PhaseTimer,
-                    label: str) -> QuantizedLayers:
+                    label: str, source: HostLayers | None = None,
+                    parallel: SingleProcess | None = None) -> QuantizedLayers:
     """Quantize every Linear of every decoder layer of `model` (in host memory) in place.
 
     On return the model's Linear weights hold their dequantized values (a fake-quantized
-    model) and the result holds the packed tensors to write.
+    model) and the result holds the packed tensors to write. `source` says where layers
+    come from and go after (default: host memory; `lazy_model.LazyLayers` reads them from
+    disk and streams them out, leaving nothing in the result), `parallel` how this process
+    shares the work with other ranks (`distributed`; `input_ids` are then this rank's rows).
     """
     if options.solver not in SOLVERS:
         raise ValueError(f"solver {options.solver!r}: expected one of {SOLVERS}")
     device = options.device
     act_device = "cpu" if options.activations_on_host else device
+    source = source or HostLayers(device)
+    parallel = parallel or SingleProcess(device)
     layers_path, layers = find_decoder_layers(model, family, label)
     batch_size = options.batch_size or auto_batch_size(input_ids.shape[1])
     dtype = options.compute_dtype or compute_dtype(device, stored_dtype(model))
     with timer.phase("capture"):
         inputs = capture_inputs(model, layers, input_ids, batch_size, device, act_device,
-                                dtype)
+                                dtype, source)
     result = QuantizedLayers(layers_path)
-    progress = tqdm(layers, desc="GPTQ", unit="layer", leave=False)
+    progress = tqdm(layers, desc="GPTQ", unit="layer", leave=False,
+                    disable=not parallel.is_main)
     for index, layer in enumerate(progress):
         prefix = f"{layers_path}.{index}"
+        source.fetch(index, layer)
         restore = layer_to(layer, device, dtype)
         runner = LayerRunner(layer, inputs, device, index)
         modules = dict(layer.named_modules())
@@ -533,14 +593,24 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
                             pass
             finally:
                 hooks.remove()
+            with timer.phase("reduce"):
+                owners = parallel.reduce_hessians(hooks.hessians, hooks.rows, modules, stage,
+                                                  index)
             for group in stage:
-                _solve_group(modules, group, prefix, hooks.hessians[group[0]],
-                             hooks.rows[group[0]], spec, options.solver, timer, result)
+                # float32 for the solver; the float64 sum is freed before the solve starts
+                hessian = hooks.hessians.pop(group[0]).float()
+                if parallel.solves(owners[group[0]]):
+                    _solve_group(modules, group, prefix, hessian, hooks.rows[group[0]], spec,
+                                 options.solver, timer, result)
+                del hessian
+                with timer.phase("reduce"):
+                    parallel.share_group(modules, group, prefix, owners[group[0]], result)
             del hooks
         with timer.phase("forwards"):
             inputs.hidden = runner.outputs(act_device)
         layer_back(restore)
         errors = [r for r in result.reports if r.name.startswith(prefix + ".")]
+        source.release(index, layer, result)
         progress.set_postfix(error=f"{sum(r.error for r in errors) / len(errors):.4g}")
     progress.close()
     return result

@@ -7,11 +7,12 @@ the whole model is quantized, so a failure or Ctrl-C leaves no output behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from quantkit.checkpoint import (
     Checkpoint,
+    checkpoint_stream,
     folder_size,
     parse_size,
 )
@@ -26,7 +28,12 @@ from quantkit.compute import COMPUTE_DTYPES, compute_dtype, dtype_name, stored_d
 from quantkit.errors import ConfigError, QuantizationError
 from quantkit.families import Family, family_for
 from quantkit.gptq.algorithm import SCALE_SEARCHES, SUPPORTED_BITS, QuantSpec
-from quantkit.gptq.artifact import write_artifact
+from quantkit.gptq.artifact import (
+    MANIFEST_KEY,
+    QUANTIZE_CONFIG,
+    quantization_config,
+    write_artifact,
+)
 from quantkit.gptq.calibrate import (
     SOLVERS,
     QuantizedLayers,
@@ -35,6 +42,8 @@ from quantkit.gptq.calibrate import (
     find_decoder_layers,
     quantize_layers,
 )
+from quantkit.gptq.distributed import REDUCE_MODES, SingleProcess, process_group
+from quantkit.gptq.lazy_model import ArtifactSink, LazyLayers, build_skeleton
 from quantkit.gptq.naming import key_renamer
 from quantkit.gptq.pack import check_packable
 from quantkit.gptq.timing import PhaseTimer
@@ -47,6 +56,7 @@ from quantkit.validate import context_length
 log = logging.getLogger(__name__)
 
 GROUP_SIZES = (-1, 32, 64, 128)
+LOAD_MODES = ("lazy", "whole")  # lazy: layer by layer from disk; whole: the model in RAM
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,8 @@ class GPTQConfig:
     max_gpu_memory: str | None = None  # e.g. "24GiB": keep activations on the host if needed
     seed: int = 0
     compute_dtype: str = "auto"  # auto: fp32 on CPU, as stored on CUDA
+    load: str = "lazy"  # "whole": the model in host memory, `GPTQResult.model` fake-quantized
+    hessian_reduce: str = "allreduce"  # under torchrun: "allreduce" or "owner" (distributed.py)
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -103,6 +115,11 @@ class GPTQConfig:
             log.debug("--static-groups has no effect without --desc-act")
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.load not in LOAD_MODES:
+            raise ConfigError(f"load {self.load!r}: choose one of {', '.join(LOAD_MODES)}")
+        if self.hessian_reduce not in REDUCE_MODES:
+            raise ConfigError(f"--hessian-reduce {self.hessian_reduce}: choose one of "
+                              f"{', '.join(REDUCE_MODES)}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -125,11 +142,14 @@ class GPTQConfig:
 @dataclass
 class GPTQResult:
     dest: Path
-    model: nn.Module  # the source model, each quantized weight replaced by its dequantized value
+    # load="whole": the source model, each quantized weight replaced by its dequantized
+    # value; load="lazy": the meta-device skeleton (the weights went to disk layer by layer)
+    model: nn.Module
     layers: QuantizedLayers
     manifest: dict
     seconds: float
     output_bytes: int
+    is_main: bool = True  # False on torchrun ranks other than 0, which write nothing
 
 
 # --------------------------------------------------------------------------- checks
@@ -257,11 +277,14 @@ def load_source_model(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
     return model.eval()
 
 
-def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> GPTQResult:
+def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None,
+                  on_layer: Callable[[int, float], None] | None = None) -> GPTQResult:
     """Quantize `cfg.source` into `cfg.dest` atomically; the source is only read.
 
     `input_ids` replaces the calibration text (tests, benchmarks); by default it comes from
-    `quantkit.data.calibration_samples`.
+    `quantkit.data.calibration_samples`. Under torchrun every rank calls this and gets its
+    share of the rows (see `distributed`). `on_layer(index, seconds)` is called after each
+    decoder layer with load="lazy" (benchmarks).
     """
     started = _dt.datetime.now(_dt.timezone.utc)
     ckpt, device = open_quantization_source(
@@ -270,44 +293,43 @@ def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> 
     if cfg.max_gpu_memory is not None:
         parse_size(cfg.max_gpu_memory)
     check_seqlen(ckpt, cfg.seqlen)
-    report = None
-    if input_ids is None:
-        calibration = build_calibration(ckpt, cfg)
-        input_ids, report = calibration.ids, calibration.report
+    with process_group(device, cfg.hessian_reduce) as parallel:
+        report = None
+        if input_ids is None:
+            calibration = build_calibration(ckpt, cfg)
+            input_ids, report = calibration.ids, calibration.report
+        timer = PhaseTimer(parallel.device)
+        family = family_for(ckpt.config)
+        label = str(ckpt.path)
+        if cfg.load == "lazy":
+            with timer.phase("load"):
+                model = build_skeleton(ckpt, cfg.trust_remote_code)
+            check_layers(model, family, cfg.spec, label)
+            check_tensor_names(model, ckpt, family)  # values are checked as layers are read
+            return quantize_lazily(model, input_ids, ckpt, cfg, family=family, timer=timer,
+                                   parallel=parallel, started=started, on_layer=on_layer,
+                                   calibration_report=report)
+        with timer.phase("load"):
+            model = load_source_model(ckpt, cfg.trust_remote_code)
+        check_layers(model, family, cfg.spec, label)
+        check_tensor_names(model, ckpt, family)
+        check_finite(model, label)
+        return quantize_and_write(model, input_ids, ckpt, ckpt.iter_tensors(), cfg,
+                                  device=parallel.device, family=family, timer=timer,
+                                  started=started, parallel=parallel,
+                                  calibration_report=report)
 
-    timer = PhaseTimer(device)
-    with timer.phase("load"):
-        model = load_source_model(ckpt, cfg.trust_remote_code)
-    family = family_for(ckpt.config)
-    label = str(ckpt.path)
-    check_layers(model, family, cfg.spec, label)
-    check_tensor_names(model, ckpt, family)
-    check_finite(model, label)
-    return quantize_and_write(model, input_ids, ckpt, ckpt.iter_tensors(), cfg, device=device,
-                              family=family, timer=timer, started=started,
-                              calibration_report=report)
 
+def run_manifest(cfg: GPTQConfig, input_ids: torch.Tensor, options: StreamOptions, device: str,
+                 layers: QuantizedLayers, timer: PhaseTimer, seconds: float,
+                 parallel: SingleProcess, model: nn.Module,
+                 calibration_report: dict | None = None) -> dict:
+    """The `gptq` block of quantkit.json: settings, calibration, per-Linear errors, time.
 
-def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkpoint,
-                       source_tensors: Iterable[tuple[str, torch.Tensor]], cfg: GPTQConfig,
-                       *, device: str, family: Family | None, timer: PhaseTimer,
-                       started: _dt.datetime | None = None,
-                       calibration_report: dict | None = None) -> GPTQResult:
-    """The part the CLI and the speed benchmark share: quantize in place, then write.
-
-    `calibration_report` (quantkit.data.calibration_report) goes into quantkit.json, so a
-    published artifact says what it was calibrated on; given input_ids have none.
+    `calibration_report` (quantkit.data.calibration_report) says what the artifact was
+    calibrated on; given input_ids have none.
     """
-    t0 = time.perf_counter()
-    label = str(source.path)
-    options = stream_options(cfg, model, family, device, label, input_ids)
-    log.info("GPTQ %d-bit, group %d%s%s on %s computing in %s: %d x %d calibration tokens",
-             cfg.bits, cfg.group_size, "" if cfg.sym else ", asym",
-             ", act-order" if cfg.desc_act else "", device, dtype_name(options.compute_dtype),
-             input_ids.shape[0], input_ids.shape[1])
-    layers = quantize_layers(model, input_ids, cfg.spec, family=family, options=options,
-                             timer=timer, label=label)
-    manifest = {
+    return {
         "settings": cfg.settings(),
         "calibration": {"file": str(cfg.calib) if cfg.calib else "default",
                         "nsamples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
@@ -316,21 +338,109 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
         "device": device,
         "stored_dtype": dtype_name(stored_dtype(model)),
         "compute_dtype": dtype_name(options.compute_dtype),
+        "load": cfg.load,
+        "ranks": parallel.world_size,
+        **({"hessian_reduce": cfg.hessian_reduce} if parallel.world_size > 1 else {}),
         "layers": {r.name: {"error": round(r.error, 6), "rtn_error": round(r.rtn_error, 6),
                             "damp": r.damp} for r in layers.reports},
         "mean_error": round(_mean(r.error for r in layers.reports), 6),
         "mean_rtn_error": round(_mean(r.rtn_error for r in layers.reports), 6),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
         "phases": {k: v for k, v in timer.rounded().items() if k != "write"},  # not done yet
     }
+
+
+def _log_start(cfg: GPTQConfig, device: str, input_ids: torch.Tensor,
+               parallel: SingleProcess, compute: torch.dtype) -> None:
+    ranks = f" x {parallel.world_size} ranks" if parallel.world_size > 1 else ""
+    log.info("GPTQ %d-bit, group %d%s%s on %s%s computing in %s: %d x %d calibration tokens",
+             cfg.bits, cfg.group_size, "" if cfg.sym else ", asym",
+             ", act-order" if cfg.desc_act else "", device, ranks, dtype_name(compute),
+             input_ids.shape[0], input_ids.shape[1])
+
+
+def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkpoint,
+                       source_tensors: Iterable[tuple[str, torch.Tensor]], cfg: GPTQConfig,
+                       *, device: str, family: Family | None, timer: PhaseTimer,
+                       started: _dt.datetime | None = None,
+                       parallel: SingleProcess | None = None,
+                       calibration_report: dict | None = None) -> GPTQResult:
+    """The part the CLI and the speed benchmark share: quantize in place, then write."""
+    parallel = parallel or SingleProcess(device)
+    t0 = time.perf_counter()
+    label = str(source.path)
+    options = stream_options(cfg, model, family, device, label, input_ids)
+    _log_start(cfg, device, input_ids, parallel, options.compute_dtype)
+    rows, batch_size = parallel.rows(input_ids, options.batch_size)
+    options = replace(options, batch_size=batch_size)
+    layers = quantize_layers(model, rows, cfg.spec, family=family, options=options,
+                             timer=timer, label=label, parallel=parallel)
+    manifest = run_manifest(cfg, input_ids, options, device, layers, timer,
+                            time.perf_counter() - t0, parallel, model, calibration_report)
+    parallel.barrier()  # every rank finished: only now may rank 0 publish the artifact
+    if not parallel.is_main:
+        return GPTQResult(Path(cfg.dest), model, layers, manifest, 0.0, 0, is_main=False)
     with timer.phase("write"):
         dest = write_artifact(Path(cfg.dest), source, source_tensors, layers=layers,
                               spec=cfg.spec, true_sequential=cfg.true_sequential,
                               manifest=manifest, force=cfg.force,
                               max_shard_size=cfg.max_shard_size, rename=key_renamer(model),
-                              method="rtn" if cfg.solver == "rtn" else "gptq")
+                              method=_method(cfg))
     seconds = time.perf_counter() - t0
     result = GPTQResult(dest, model, layers, manifest, seconds, folder_size(dest))
+    log_summary(result, timer)
+    return result
+
+
+def _method(cfg: GPTQConfig) -> str:
+    return "rtn" if cfg.solver == "rtn" else "gptq"
+
+
+def quantize_lazily(model: nn.Module, input_ids: torch.Tensor, ckpt: Checkpoint,
+                    cfg: GPTQConfig, *, family: Family | None, timer: PhaseTimer,
+                    parallel: SingleProcess, started: _dt.datetime | None = None,
+                    on_layer: Callable[[int, float], None] | None = None,
+                    calibration_report: dict | None = None) -> GPTQResult:
+    """Quantize a meta skeleton layer by layer from `ckpt`, streaming the artifact out.
+
+    Rank 0 opens the output; every finished layer's tensors go to it and leave memory.
+    The folder is renamed into place only after every rank has finished.
+    """
+    device = parallel.device
+    t0 = time.perf_counter()
+    label = str(ckpt.path)
+    options = stream_options(cfg, model, family, device, label, input_ids)
+    _log_start(cfg, device, input_ids, parallel, options.compute_dtype)
+    rows, batch_size = parallel.rows(input_ids, options.batch_size)
+    options = replace(options, batch_size=batch_size)
+    rename = key_renamer(model)
+    layers_path, _ = find_decoder_layers(model, family, label)
+    output = (checkpoint_stream(cfg.dest, source=ckpt, force=cfg.force,
+                                max_shard_size=cfg.max_shard_size)
+              if parallel.is_main else contextlib.nullcontext())
+    with output as out:
+        sink = ArtifactSink(out, ckpt, rename, layers_path) if out is not None else None
+        source = LazyLayers(model, ckpt, rename, device=device, layers_path=layers_path,
+                            sink=sink.write_layer if sink else None, on_layer=on_layer)
+        layers = quantize_layers(model, rows, cfg.spec, family=family, options=options,
+                                 timer=timer, label=label, source=source, parallel=parallel)
+        manifest = run_manifest(cfg, input_ids, options, device, layers, timer,
+                                time.perf_counter() - t0, parallel, model, calibration_report)
+        manifest["layer_seconds"] = [round(source.seconds[i], 3) for i in sorted(source.seconds)]
+        if out is not None:
+            with timer.phase("write"):
+                sink.finish()
+            qconfig = quantization_config(cfg.spec, true_sequential=cfg.true_sequential,
+                                          method=_method(cfg))
+            out.config = dict(ckpt.config, quantization_config=qconfig)
+            out.extra_files = {QUANTIZE_CONFIG: qconfig}
+            out.manifest_extra = {MANIFEST_KEY: manifest}
+        parallel.barrier()  # every rank finished: only now may rank 0 publish the artifact
+    if not parallel.is_main:
+        return GPTQResult(Path(cfg.dest), model, layers, manifest, 0.0, 0, is_main=False)
+    dest = Path(cfg.dest)
+    result = GPTQResult(dest, model, layers, manifest, time.perf_counter() - t0,
+                        folder_size(dest))
     log_summary(result, timer)
     return result
 
