@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from quantkit.gptq import solve_triton  # noqa: E402
 from quantkit.gptq.algorithm import QuantSpec, gptq_fast, gptq_reference  # noqa: E402
 
 log = logging.getLogger("gptq_solve")
@@ -57,9 +58,20 @@ def problem(rows: int, columns: int, device: str, seed: int = 0):
     return weight.to(device), hessian.to(device)
 
 
+def _fast(mode: str):
+    def solve(w, h, spec):
+        with solve_triton.use(mode):
+            return gptq_fast([w], h, spec)[0]
+    return solve
+
+
+# fast: what runs by default (the kernel on CUDA); fast-torch / fast-triton force the
+# in-block loop (fast-triton on CPU runs under Triton's interpreter: count, do not time).
 SOLVERS = {
-    "reference": lambda w, h, spec: gptq_reference(w, h, spec),
-    "fast": lambda w, h, spec: gptq_fast([w], h, spec)[0],
+    "reference": gptq_reference,
+    "fast": _fast("auto"),
+    "fast-torch": _fast("torch"),
+    "fast-triton": _fast("triton"),
 }
 
 
@@ -121,7 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
+    parser.add_argument("--solvers", nargs="+", default=["reference", "fast"],
+                        choices=list(SOLVERS))
     parser.add_argument("--repeat", type=int, default=2, help="timed runs; the best is kept")
     parser.add_argument("--count-columns", type=int, default=512,
                         help="columns of the (smaller) problem whose operations are counted")

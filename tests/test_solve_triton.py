@@ -92,15 +92,16 @@ SPECS = {
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_gptq_fast_with_the_kernel_matches_the_reference(name, monkeypatch):
+def test_gptq_fast_with_the_kernel_matches_the_reference(name):
     """gptq_fast with the kernel in its block loop (as on CUDA) gives the reference's codes,
     grid and per-layer output error."""
-    monkeypatch.setattr(algorithm, "_column_solver", lambda device: solve_triton.solve_columns)
     spec = SPECS[name]
     columns = 256
     hessian = correlated_hessian(columns, seed=3)
     qkv = weights((48, 24, 24), columns, seed=4)
-    fast = gptq_fast([w.to(DEVICE) for w in qkv], hessian.to(DEVICE), spec)
+    with solve_triton.use("triton"):
+        assert algorithm._column_solver(torch.device(DEVICE)) is solve_triton.solve_columns
+        fast = gptq_fast([w.to(DEVICE) for w in qkv], hessian.to(DEVICE), spec)
     for w, got in zip(qkv, fast, strict=True):
         ref = gptq_reference(w, hessian, spec)
         got.codes, got.scales, got.zeros, got.g_idx = (
@@ -126,7 +127,7 @@ def test_the_kernel_is_used_only_on_cuda():
 def test_kernel_compiles_and_is_chosen_on_cuda():
     assert solve_triton.available()
     assert algorithm._column_solver(torch.device("cuda")) is solve_triton.solve_columns
-    with solve_triton.disabled():
+    with solve_triton.use("torch"):
         assert algorithm._column_solver(torch.device("cuda")) is algorithm.solve_columns
 
 
@@ -141,7 +142,7 @@ def test_cuda_solve_matches_the_cpu_path_at_7b_width(name):
     qkv = weights((512, 256, 256), columns, seed=10)
     cpu = gptq_fast(qkv, hessian, spec)
     cuda = gptq_fast([w.cuda() for w in qkv], hessian.cuda(), spec)
-    with solve_triton.disabled():
+    with solve_triton.use("torch"):
         cuda_torch = gptq_fast([w.cuda() for w in qkv], hessian.cuda(), spec)
     for w, a, b, c in zip(qkv, cpu, cuda, cuda_torch, strict=True):
         got, loop = b.dequantize().cpu(), c.dequantize().cpu()

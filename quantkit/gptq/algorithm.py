@@ -348,12 +348,9 @@ def solve_columns(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor,
 
 def _column_solver(device: torch.device):
     """The Triton kernel on CUDA when it works there (see `solve_triton`), else torch."""
-    if device.type == "cuda":
-        from quantkit.gptq import solve_triton
+    from quantkit.gptq import solve_triton
 
-        if solve_triton.usable(device):
-            return solve_triton.solve_columns
-    return solve_columns
+    return solve_triton.solve_columns if solve_triton.usable(device) else solve_columns
 
 
 @_one_thread_solver

@@ -229,11 +229,12 @@ def load_source_model(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
     return model.eval()
 
 
-def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> GPTQResult:
+def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None,
+                  timer: PhaseTimer | None = None) -> GPTQResult:
     """Quantize `cfg.source` into `cfg.dest` atomically; the source is only read.
 
     `input_ids` replaces the calibration text (tests, benchmarks); by default it comes from
-    `quantkit.data.calibration_samples`.
+    `quantkit.data.calibration_samples`. `timer` receives per-phase seconds (benchmarks).
     """
     started = _dt.datetime.now(_dt.timezone.utc)
     ckpt, device = open_quantization_source(
@@ -245,7 +246,7 @@ def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None) -> 
     if input_ids is None:
         input_ids = calibration_ids(ckpt, cfg)
 
-    timer = PhaseTimer(device)
+    timer = timer or PhaseTimer(device)
     with timer.phase("load"):
         model = load_source_model(ckpt, cfg.trust_remote_code)
     family = family_for(ckpt.config)

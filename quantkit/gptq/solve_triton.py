@@ -162,20 +162,27 @@ def available(device_index: int = 0) -> bool:
     return agree
 
 
+_MODES = ("auto", "torch", "triton")
+_mode = "auto"
+
+
 @contextlib.contextmanager
-def disabled():
-    """Force the torch loop inside the block (to compare the two paths on one GPU)."""
-    global _DISABLED
-    before, _DISABLED = _DISABLED, True
+def use(mode: str):
+    """Pick the in-block loop for `gptq_fast` inside the block: "auto" (the kernel on CUDA
+    when it works there), "torch", or "triton" (also on CPU, under the interpreter). For
+    comparing the two paths and counting their launches; runs never need it."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {_MODES}")
+    before, _mode = _mode, mode
     try:
         yield
     finally:
-        _DISABLED = before
-
-
-_DISABLED = False
+        _mode = before
 
 
 def usable(device: torch.device) -> bool:
-    """The kernel runs for tensors on `device` in `gptq_fast` (CUDA with a working Triton)."""
-    return device.type == "cuda" and not _DISABLED and available(device.index or 0)
+    """Whether `gptq_fast` runs the kernel for tensors on `device`."""
+    if _mode != "auto":
+        return _mode == "triton" and triton is not None
+    return device.type == "cuda" and available(device.index or 0)
