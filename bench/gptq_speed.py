@@ -23,6 +23,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -55,8 +56,13 @@ SHAPES = {
                           num_attention_heads=40, vocab_size=125696, nsamples=128,
                           seqlen=2048),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, vocab_size=512, nsamples=16, seqlen=128),
+                 num_attention_heads=4, vocab_size=3072, nsamples=16, seqlen=128),
 }
+# The tiny trained model's tokenizer (3072 tokens, fits every shape's vocabulary) goes into
+# each checkpoint, so commands that read text (`quantkit bnb` checks its output on some)
+# run on it too.
+TOKENIZER = REPO / "quantkit" / "assets" / "tiny-baichuan2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def shape_config(shape: str):
@@ -69,7 +75,7 @@ def shape_config(shape: str):
 
 def _same_shape(folder: Path, config) -> bool:
     config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not config_file.is_file() or not (folder / TOKENIZER_FILES[0]).is_file():
         return False
     stored = read_json(config_file)
     return all(stored.get(k) == getattr(config, k) for k in SHAPES["tiny"]
@@ -110,6 +116,8 @@ def build_random_checkpoint(shape: str, folder: Path, *, seed: int = 0,
         writer.add_all(tensors())
         writer.close()
         write_json(tmp / "config.json", config.to_dict())
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(TOKENIZER / name, tmp / name)
     return True
 
 
