@@ -1,6 +1,9 @@
 """How long the GPTQ column solve takes, and how many kernels it launches per column.
 
     python bench/gptq_solve.py --rows 4096 --columns 4096 --out bench/results/solve_cpu.json
+    git show 4870f3a:quantkit/gptq/algorithm.py > /tmp/algorithm_before.py
+    python bench/gptq_solve.py --baseline /tmp/algorithm_before.py --solvers reference fast \
+        baseline-fast --out bench/results/solve_cpu_4096_ab.json   # before/after, interleaved
 
 The solve is the part of GPTQ that cannot be one big matmul: each column's rounding error
 feeds the next column. Issue 17 found the fast solver launch-bound on a GPU (about 6 small
@@ -14,8 +17,10 @@ Weights and Hessian are random with the shapes given (values do not change time)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -75,6 +80,16 @@ SOLVERS = {
 }
 
 
+def add_baseline(path: str) -> None:
+    """`baseline-fast`: gptq_fast from another copy of algorithm.py (an older revision)."""
+    spec = importlib.util.spec_from_file_location("baseline_algorithm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    SOLVERS["baseline-fast"] = lambda w, h, s: module.gptq_fast(
+        [w], h, module.QuantSpec(bits=s.bits, group_size=s.group_size))[0]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -111,12 +126,17 @@ def run(args: argparse.Namespace) -> dict:
         "columns": args.columns,
         "bits": spec.bits,
         "group_size": spec.group_size,
+        "baseline": args.baseline,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "solvers": {},
     }
     small = weight[:, :args.count_columns], hessian[:args.count_columns, :args.count_columns]
-    for name in args.solvers:
-        seconds = [time_solver(name, weight, hessian, spec, args.device)
-                   for _ in range(args.repeat)]
+    # Interleaved, so a machine whose load changes treats every solver alike.
+    timings = {name: [] for name in args.solvers}
+    for _ in range(args.repeat):
+        for name in args.solvers:
+            timings[name].append(time_solver(name, weight, hessian, spec, args.device))
+    for name, seconds in timings.items():
         result["solvers"][name] = {"seconds": round(min(seconds), 4),
                                    "all_seconds": [round(s, 4) for s in seconds],
                                    "counted_on_columns": args.count_columns,
@@ -134,12 +154,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--solvers", nargs="+", default=["reference", "fast"],
-                        choices=list(SOLVERS))
+                        help=f"of {', '.join(SOLVERS)}, and baseline-fast with --baseline")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs; the best is kept")
     parser.add_argument("--count-columns", type=int, default=512,
                         help="columns of the (smaller) problem whose operations are counted")
+    parser.add_argument("--baseline", help="an algorithm.py to time as `baseline-fast`")
     parser.add_argument("--out", help="JSON file to write (stdout when omitted)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.baseline:
+        add_baseline(args.baseline)
+    unknown = [name for name in args.solvers if name not in SOLVERS]
+    if unknown:
+        parser.error(f"--solvers: unknown {', '.join(unknown)}; choose from {', '.join(SOLVERS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
