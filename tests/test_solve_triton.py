@@ -115,6 +115,30 @@ def test_gptq_fast_with_the_kernel_matches_the_reference(name):
         assert err_got < err_rtn
 
 
+@pytest.mark.parametrize("row_tile", [16, 32])
+def test_kernel_compiles_for_an_h200_without_one(row_tile):
+    """Triton's own compiler and ptxas (in the wheel) build the kernel for sm_90 on any
+    machine, so a kernel that would not compile on the GPU fails here first."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    signature = {}
+    for name, param in inspect.signature(solve_triton._gptq_segment).parameters.items():
+        if "constexpr" in str(param.annotation):
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "*fp32" if name.isupper() else "fp32" if name == "maxq" else "i32"
+    source = ASTSource(fn=JITFunction(solve_triton._gptq_segment), signature=signature,
+                       constexprs={"m": 128, "BLOCK_N": 128, "BLOCK_R": row_tile})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert len(kernel.asm["cubin"]) > 1000
+    assert "div.rn.f32" in kernel.asm["ptx"]  # IEEE division, as torch's
+
+
 def test_the_kernel_is_used_only_on_cuda():
     assert algorithm._column_solver(torch.device("cpu")) is algorithm.solve_columns
     assert not solve_triton.usable(torch.device("cpu"))

@@ -2,11 +2,11 @@
 
 In torch every column of the loop is a handful of tiny kernels (quantize, residual,
 rank-1 update): a 7B layer has ~23k columns to solve (q, k, v stacked; gate, up stacked),
-so ~10^5 launches, about a second per layer of pure launch latency. Rows of the weight are independent given the inverse Hessian, so
-one kernel can take a tile of rows, keep the segment's columns for those rows in
-registers, and walk the columns in order with no launch and no trip to memory between
-them. Everything that is a large matmul (propagating a segment's errors to the rest of
-the matrix) stays in torch, where cuBLAS does it well.
+so ~10^5 launches, about a second per layer of pure launch latency. Rows of the weight
+are independent given the inverse Hessian, so one kernel can take a tile of rows, keep the
+block's columns for those rows in registers, and walk the columns in order with no launch
+and no trip to memory between them. What is a large matmul (a block's errors reaching the
+rest of the matrix) stays in torch, where cuBLAS does it well.
 
 The kernel does only quantize-dequantize and error feedback: each column's scale and zero
 arrive precomputed (`algorithm.gptq_fast` chooses them, with the same function as every
