@@ -259,3 +259,8 @@ fi
 
 summary
 echo "== done in $(elapsed)s; $OUT/summary.json" >&2
+"$PY" - "$OUT/summary.json" <<'EOF'
+import json, sys
+for name, t in json.load(open(sys.argv[1]))["targets"].items():
+    print(f"{name:24} {t['status']:16} measured {t.get('measured')} limit {t.get('limit')}")
+EOF
