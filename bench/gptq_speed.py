@@ -1,13 +1,19 @@
-"""How fast quantkit's GPTQ runs on a random model of a real shape, phase by phase.
+"""How fast `quantkit gptq` runs end to end on a random model of a real shape, phase by phase.
 
-    python bench/gptq_speed.py --shape baichuan2-7b --out bench/results/gptq_7b_h100.json
-    python bench/gptq_speed.py --shape tiny --out bench/results/gptq_tiny_cpu.json
+    python bench/gptq_speed.py --shape baichuan2-7b --checkpoint /data/rand-7b \
+        --out bench/results/gpu_gptq_7b_h200.json
+    python bench/gptq_speed.py --shape tiny --device cpu --out bench/results/gptq_tiny_cpu.json
 
-Random weights do not change time or memory, so the model is built in host memory with
-Baichuan2's shapes in the Llama layout (ANCHORS.md) -- each weight allocated once, on the
-meta device first -- and quantized exactly as `quantkit gptq` does after loading: same
-engine, same defaults (128 x 2048 tokens, 4-bit, group 128, true-sequential), artifact
-written. The clock runs from the model in host memory to the artifact on disk.
+Random weights do not change time or memory, so a bf16 checkpoint with Baichuan2's shapes
+in the Llama layout (ANCHORS.md) is written to `--checkpoint` first (kept and reused when it
+is already there; `--build-only` stops after that). The clock then runs exactly what
+`quantkit gptq CKPT --out DIR` runs, from the checkpoint on disk (load time counts) to the
+artifact written: same engine, same defaults (128 x 2048 tokens, 4-bit, group 128,
+true-sequential). Only the calibration text is replaced by random token ids.
+
+Peak GPU memory is `torch.cuda.max_memory_allocated` over the run (and the reserved peak,
+which is what `nvidia-smi` would show); peak host memory is the process's max RSS, which
+includes building the checkpoint when this run built it (`built_here`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -28,9 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from quantkit.checkpoint import Checkpoint, parse_size, write_json  # noqa: E402
-from quantkit.families import family_for  # noqa: E402
-from quantkit.gptq.run import GPTQConfig, quantize_and_write  # noqa: E402
+from quantkit.checkpoint import (  # noqa: E402
+    ShardedWriter,
+    atomic_output,
+    parse_size,
+    read_json,
+    write_json,
+)
+from quantkit.gptq.run import GPTQConfig, gptq_quantize  # noqa: E402
 from quantkit.gptq.timing import PhaseTimer  # noqa: E402
 from quantkit.loading import resolve_device  # noqa: E402
 
@@ -44,31 +56,69 @@ SHAPES = {
                           num_attention_heads=40, vocab_size=125696, nsamples=128,
                           seqlen=2048),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, vocab_size=512, nsamples=16, seqlen=128),
+                 num_attention_heads=4, vocab_size=3072, nsamples=16, seqlen=128),
 }
+# The tiny trained model's tokenizer (3072 tokens, fits every shape's vocabulary) goes into
+# each checkpoint, so commands that read text (`quantkit bnb` checks its output on some)
+# run on it too.
+TOKENIZER = REPO / "quantkit" / "assets" / "tiny-baichuan2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def build_random_model(shape: str, seed: int = 0):
-    """A Llama model of `shape` in bf16 host memory, each weight allocated exactly once."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def shape_config(shape: str):
+    from transformers import LlamaConfig
 
     dims = {k: v for k, v in SHAPES[shape].items() if k not in ("nsamples", "seqlen")}
-    config = LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=False,
-                         dtype="bfloat16")
+    return LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=False,
+                       dtype="bfloat16")
+
+
+def _same_shape(folder: Path, config) -> bool:
+    config_file = folder / "config.json"
+    if not config_file.is_file() or not (folder / TOKENIZER_FILES[0]).is_file():
+        return False
+    stored = read_json(config_file)
+    return all(stored.get(k) == getattr(config, k) for k in SHAPES["tiny"]
+               if k not in ("nsamples", "seqlen"))
+
+
+def build_random_checkpoint(shape: str, folder: Path, *, seed: int = 0,
+                            device: str = "cpu") -> bool:
+    """Write a random bf16 checkpoint of `shape` to `folder` unless one is already there.
+
+    Tensors are drawn one at a time (on `device`: a GPU draws 7B normals in well under a
+    second) and streamed into 5 GB shards, so host memory stays about one shard. Returns
+    whether it built one.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = shape_config(shape)
+    if _same_shape(folder, config):
+        log.info("reusing the %s checkpoint in %s", shape, folder)
+        return False
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in list(model.named_parameters()):
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        value = torch.empty(param.shape, dtype=torch.bfloat16)
-        if param.dim() == 1:
-            value.fill_(1.0)  # norms
-        else:
-            value.normal_(0.0, 0.02, generator=generator)
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    return model.eval(), config
+    shapes = [(name, tuple(p.shape)) for name, p in model.state_dict().items()]
+    del model
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def tensors():
+        for name, size in shapes:
+            if len(size) == 1:
+                yield name, torch.ones(size, dtype=torch.bfloat16)  # norms
+                continue
+            value = torch.empty(size, dtype=torch.bfloat16, device=device)
+            yield name, value.normal_(0.0, 0.02, generator=generator)
+
+    with atomic_output(folder, force=folder.exists()) as tmp:
+        writer = ShardedWriter(tmp, max_shard_size="5GB")
+        writer.add_all(tensors())
+        writer.close()
+        write_json(tmp / "config.json", config.to_dict())
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(TOKENIZER / name, tmp / name)
+    return True
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -76,39 +126,36 @@ def run(args: argparse.Namespace) -> dict:
     nsamples = args.nsamples or shape["nsamples"]
     seqlen = args.seqlen or shape["seqlen"]
     device = resolve_device(args.device)
-    build_start = time.perf_counter()
-    model, config = build_random_model(args.shape)
-    build_seconds = time.perf_counter() - build_start
-    input_ids = torch.randint(0, config.vocab_size, (nsamples, seqlen),
-                              generator=torch.Generator().manual_seed(1))
-
+    on_cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="gptq-speed-") as tmp:
-        source_dir = Path(tmp) / "source"
-        source_dir.mkdir()
-        config_dict = config.to_dict()
-        write_json(source_dir / "config.json", config_dict)
-        source = Checkpoint(path=source_dir, config=config_dict, weight_format="safetensors",
-                            weight_map={})
+        checkpoint = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "source"
+        build_start = time.perf_counter()
+        built = build_random_checkpoint(args.shape, checkpoint, device=device)
+        build_seconds = time.perf_counter() - build_start
+        if args.build_only:
+            return {"shape": args.shape, "checkpoint": str(checkpoint), "built_here": built,
+                    "build_seconds": round(build_seconds, 3)}
+        vocab = read_json(checkpoint / "config.json")["vocab_size"]
+        input_ids = torch.randint(0, vocab, (nsamples, seqlen),
+                                  generator=torch.Generator().manual_seed(1))
         dest = Path(args.artifact) if args.artifact else Path(tmp) / "artifact"
-        cfg = GPTQConfig(source=source_dir, dest=dest, nsamples=nsamples, seqlen=seqlen,
+        cfg = GPTQConfig(source=checkpoint, dest=dest, nsamples=nsamples, seqlen=seqlen,
                          batch_size=args.batch_size, device=device, solver=args.solver,
                          max_gpu_memory=args.max_gpu_memory, force=True)
-        if device.startswith("cuda"):
+        if on_cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         timer = PhaseTimer(device)
         start = time.perf_counter()
-        result = quantize_and_write(model, input_ids, source, model.state_dict().items(), cfg,
-                                    device=device, family=family_for(config_dict), timer=timer)
+        result = gptq_quantize(cfg, input_ids=input_ids, timer=timer)
         total = time.perf_counter() - start
         artifact_bytes = result.output_bytes
-
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    phases = timer.rounded()
-    phases.pop("load", None)  # the model is built in memory, not loaded
+        layers = len(result.layers.layer_errors())
     return {
         "shape": args.shape,
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "device": torch.cuda.get_device_name() if on_cuda else "cpu",
         "torch": torch.__version__,
+        "triton_solve": _triton_solve(device),
         "host": platform.node(),
         "cpu_threads": torch.get_num_threads(),
         "nsamples": nsamples,
@@ -118,22 +165,38 @@ def run(args: argparse.Namespace) -> dict:
         "true_sequential": cfg.true_sequential,
         "solver": cfg.solver,
         "max_gpu_memory": args.max_gpu_memory,
+        "checkpoint": str(checkpoint),
+        "built_here": built,
         "build_seconds": round(build_seconds, 3),
         "total_seconds": round(total, 3),
-        "phases_seconds": phases,
-        "seconds_per_layer": round(total / config.num_hidden_layers, 3),
-        "peak_gpu_gib": round(peak_gpu, 3) if peak_gpu is not None else None,
+        "phases_seconds": timer.rounded(),
+        "seconds_per_layer": round(total / layers, 3),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_cuda else None,
+        "peak_gpu_reserved_gib": (round(torch.cuda.max_memory_reserved() / 2**30, 3)
+                                  if on_cuda else None),
         "host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "artifact_bytes": artifact_bytes,
         "mean_error": result.manifest["mean_error"],
         "mean_rtn_error": result.manifest["mean_rtn_error"],
+        "layer_errors": [round(e, 6) for _, e, _ in result.layers.layer_errors()],
     }
+
+
+def _triton_solve(device: str) -> bool:
+    """Whether the solve ran the Triton kernel (CUDA with a working Triton)."""
+    from quantkit.gptq import solve_triton
+
+    return solve_triton.usable(torch.device(device))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), required=True)
     parser.add_argument("--out", help="JSON file to write (stdout when omitted)")
+    parser.add_argument("--checkpoint", help="where the random bf16 checkpoint is (built "
+                        "there if missing; default: a temporary folder)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="write the checkpoint and stop (so a later run only loads it)")
     parser.add_argument("--nsamples", type=int, help="calibration sequences (default: 128, "
                         "tiny: 16)")
     parser.add_argument("--seqlen", type=int, help="tokens per sequence (default: 2048, "
@@ -158,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n", encoding="utf-8")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(out)
         log.info("wrote %s", out)
     else:
         sys.stdout.write(text + "\n")

@@ -14,6 +14,11 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="quantkit-test-hf-")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU, Triton kernels (quantkit/gptq/solve_triton.py) run only under Triton's
+# interpreter, which must be on before triton is first imported (transformers imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # transformers binds its log handler to the first sys.stderr it sees; make that the real
 # one, not some test's capsys buffer (later warnings would print "Logging error" tracebacks).
 from transformers.utils import logging as _hf_logging  # noqa: E402

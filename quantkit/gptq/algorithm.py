@@ -434,6 +434,43 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec)
 # --------------------------------------------------------------------------- fast
 
 
+def solve_columns(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor, maxq: int, codes: torch.Tensor,
+                  err: torch.Tensor) -> None:
+    """Quantize the first `len(scale)` columns of a block in order, feeding each column's
+    error to every later column of the block.
+
+    `w` [n, rows] is the rest of the block, transposed (column j of the weight is `w[j]`);
+    `hinv` [n, n] its block of the upper Cholesky factor of H^-1; `scale`, `zero`
+    [m, rows] the grid of each of the m <= n columns to solve. Writes `codes` and `err`
+    [m, rows] (err = (w - dequantized) / hinv[j, j], which the caller propagates past the
+    block with one matmul) and leaves `w[m:]` updated, ready for the next segment.
+
+    Six tensor operations per column (the launches a GPU pays for), down from nine: the
+    zero point is folded into the clamp bounds and added back once for the segment, and
+    the dequantize-subtract is one fused op. The float operations are the reference's, in
+    its order, so codes differ from it only where stacking rows changes a rounding.
+    `solve_triton.solve_columns` is the same loop as one kernel.
+    """
+    diag = torch.diagonal(hinv)
+    low, high = -zero, maxq - zero
+    for j in range(scale.shape[0]):
+        q = codes[j]
+        torch.div(w[j], scale[j], out=q)
+        q.round_().clamp_(low[j], high[j])
+        torch.addcmul(w[j], q, scale[j], value=-1, out=err[j]).div_(diag[j])
+        if j + 1 < w.shape[0]:
+            w[j + 1:].addr_(hinv[j, j + 1:], err[j], alpha=-1)
+    codes.add_(zero)
+
+
+def _column_solver(device: torch.device):
+    """The Triton kernel on CUDA when it works there (see `solve_triton`), else torch."""
+    from quantkit.gptq import solve_triton
+
+    return solve_triton.solve_columns if solve_triton.usable(device) else solve_columns
+
+
 @_one_thread_solver
 def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
               spec: QuantSpec) -> list[QuantResult]:
@@ -441,7 +478,10 @@ def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
 
     Same result as `gptq_reference` on each matrix, up to float rounding. Besides running
     the column loop once for q, k and v together, it works on the transposed weight, so
-    each column the loop touches -- and each rank-1 update -- is contiguous memory.
+    each column the loop touches is contiguous memory. A block is solved in segments
+    whose grid is known when the segment starts (one group; the whole block for static
+    groups or one group per row), each by one `solve_columns` call (one Triton launch on
+    CUDA); errors reach the rest of the matrix as one matmul per block.
     """
     sizes = [w.shape[0] for w in weights]
     cols = weights[0].shape[1]
@@ -458,17 +498,20 @@ def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
         w, h = w[:, plan.perm], h[plan.perm][:, plan.perm]
     importance = torch.diag(h)
     hinv, damp = inverse_hessian_cholesky(h, spec.damp, spec.damp_retries)
-    diag = torch.diag(hinv).tolist()
+    hinv = hinv.contiguous()  # the factor comes column-major; the loop reads its rows
 
     wt = w.T.contiguous()  # [cols, rows]: column `c` of the weight is row `c` here
     del w
     codes_t = torch.empty_like(wt)
-    group_of = plan.group_of
+    group_of = torch.tensor(plan.group_of, device=wt.device)
     gs = spec.group_size
+    # 0.1.0's choice (grids from already-updated columns) needs one segment per group;
+    # otherwise every grid of a block is known when the block starts.
+    per_group = not plan.static and not spec.block_start_scales
 
+    solve = _column_solver(wt.device)
     block = spec.block_for(cols)
     err_buf = torch.empty((block, rows), device=wt.device)
-    dequantized = torch.empty(rows, device=wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         if not plan.static and spec.block_start_scales:
@@ -478,19 +521,16 @@ def gptq_fast(weights: Sequence[torch.Tensor], hessian: torch.Tensor,
         w1 = wt[i1:i2]  # a view: updates land in `wt` directly
         hinv1 = hinv[i1:i2, i1:i2]
         err1 = err_buf[:i2 - i1]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = group_of[col]
-            if not plan.static and not spec.block_start_scales and col % gs == 0:
-                scales[g], zeros[g] = choose_group_params(w1[i:i + gs].T, spec,
-                                                          importance[col:col + gs])
-            scale, zero = scales[g], zeros[g]
-            q = codes_t[col]
-            torch.div(w1[i], scale, out=q)
-            q.round_().add_(zero).clamp_(0, spec.maxq)
-            torch.mul(torch.sub(q, zero, out=dequantized), scale, out=dequantized)
-            torch.sub(w1[i], dequantized, out=err1[i]).div_(diag[col])
-            w1[i:].addr_(hinv1[i, i:], err1[i], alpha=-1)
+        segment = gs if per_group else i2 - i1
+        for s1 in range(0, i2 - i1, segment):
+            s2 = min(s1 + segment, i2 - i1)
+            if per_group:
+                g = group_of[i1 + s1]
+                scales[g], zeros[g] = choose_group_params(w1[s1:s2].T, spec,
+                                                          importance[i1 + s1:i1 + s2])
+            index = group_of[i1 + s1:i1 + s2]
+            solve(w1[s1:], hinv1[s1:, s1:], scales[index], zeros[index], spec.maxq,
+                  codes_t[i1 + s1:i1 + s2], err1[s1:s2])
         wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
 
     codes = codes_t.T

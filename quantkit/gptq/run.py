@@ -278,13 +278,14 @@ def load_source_model(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
 
 
 def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None,
-                  on_layer: Callable[[int, float], None] | None = None) -> GPTQResult:
+                  on_layer: Callable[[int, float], None] | None = None,
+                  timer: PhaseTimer | None = None) -> GPTQResult:
     """Quantize `cfg.source` into `cfg.dest` atomically; the source is only read.
 
     `input_ids` replaces the calibration text (tests, benchmarks); by default it comes from
     `quantkit.data.calibration_samples`. Under torchrun every rank calls this and gets its
     share of the rows (see `distributed`). `on_layer(index, seconds)` is called after each
-    decoder layer with load="lazy" (benchmarks).
+    decoder layer with load="lazy", and `timer` receives per-phase seconds (benchmarks).
     """
     started = _dt.datetime.now(_dt.timezone.utc)
     ckpt, device = open_quantization_source(
@@ -298,7 +299,7 @@ def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None,
         if input_ids is None:
             calibration = build_calibration(ckpt, cfg)
             input_ids, report = calibration.ids, calibration.report
-        timer = PhaseTimer(parallel.device)
+        timer = timer or PhaseTimer(parallel.device)
         family = family_for(ckpt.config)
         label = str(ckpt.path)
         if cfg.load == "lazy":
