@@ -184,39 +184,44 @@ def _median(values: list[float]) -> float:
 
 
 def paper_terms(shape: dict, tokens: int) -> dict:
-    """Bytes quantkit holds per decoder layer, on paper (CPU, bf16 layers).
+    """Bytes quantkit holds for one decoder layer, on paper (CPU, bf16 layers).
 
-    layer: the decoder layer's weights in bf16 while it is processed; hessians: the
-    largest group's float64 running sum plus the float32 copy the solver gets;
+    layer: the decoder layer's weights in bf16 while it is processed; hessians: at the
+    solve of the widest Linear, its float32 Hessian plus the two Hessian-sized temporaries
+    of the Cholesky inverse (12 n^2; the float64 sum, 8 n^2, is freed by then);
     activations: the layer's inputs and outputs for every calibration token, in bf16;
-    capture: the embedding matrix (read for the capture forward only).
+    capture: the embedding matrix, memory-mapped and copied (read for the capture only).
     """
     widest = max(shape["hidden"], shape["intermediate"])
     return {"layer": 2 * layer_params(shape), "hessians": 12 * widest ** 2,
             "activations": 2 * 2 * tokens * shape["hidden"],
-            "capture": 2 * shape["vocab"] * shape["hidden"]}
+            "capture": 2 * 2 * shape["vocab"] * shape["hidden"]}
 
 
 def extrapolate(measured: dict, tokens: int) -> dict:
-    """Peak RSS of other shapes from the measured per-layer working set.
+    """Peak RSS of other shapes from the measured per-layer figures.
 
-    The measured working set of a layer (median layer peak minus the RSS after imports)
-    minus its on-paper Hessian and activation bytes, divided by the layer's bf16 bytes,
-    gives how many copies of the layer the run holds (weights, solver temporaries,
-    forward intermediates). Another shape's peak is the same imports, that many copies of
-    its layer, its Hessians and its activations.
+    Measured: the floor (RSS after each layer is released: imports, the meta skeleton,
+    the calibration activations) and each layer's peak. The working set of a layer (median
+    peak minus floor) minus its on-paper Hessian bytes, divided by the layer's bf16 bytes,
+    is how many layer-sized buffers the run holds at its peak (the weights, their float32
+    copies in the solver, the error metrics). Another shape's peak: the same imports, its
+    activations, that many copies of its layer and its Hessian terms -- or, if larger, its
+    capture (embedding read and copied).
     """
-    base = measured["import_rss"]
-    working = _median([x["peak_rss"] for x in measured["layers"][1:]]) - base
+    floor = _median([x["rss_after"] for x in measured["layers"]])
+    working = _median([x["peak_rss"] for x in measured["layers"][1:]]) - floor
     terms = paper_terms(SHAPE_1B, tokens)
-    copies = (working - terms["hessians"] - terms["activations"]) / terms["layer"]
-    out = {"import_rss": base, "layer_working_set": working, "layer_copies": round(copies, 2)}
+    imports = floor - terms["activations"] / 2  # between layers only the inputs are held
+    copies = (working - terms["hessians"] - terms["activations"] / 2) / terms["layer"]
+    out = {"floor_rss": floor, "imports_rss": int(imports), "layer_working_set": working,
+           "layer_copies": round(copies, 2)}
     for name, shape in SHAPES.items():
-        for label, n_tokens in (("bench calibration", tokens), ("128 x 2048 tokens",
-                                                                 128 * 2048)):
+        for label, n_tokens in (("bench calibration", tokens),
+                                ("128 x 2048 tokens", 128 * 2048)):
             t = paper_terms(shape, n_tokens)
-            layer_peak = base + copies * t["layer"] + t["hessians"] + t["activations"]
-            capture_peak = base + t["capture"] + t["activations"]
+            layer_peak = imports + t["activations"] + copies * t["layer"] + t["hessians"]
+            capture_peak = imports + t["activations"] / 2 + t["capture"]
             out[f"{name}, {label}"] = {
                 "params": total_params(shape), "bf16_bytes": 2 * total_params(shape),
                 "peak_rss": int(max(layer_peak, capture_peak)), **t}

@@ -545,6 +545,11 @@ def _solve_group(modules: dict[str, nn.Module], names: list[str], prefix: str,
     out.reports.extend(reports)
 
 
+def _reduce_phase(timer: PhaseTimer, parallel: SingleProcess):
+    """Time spent in (and waiting at) collectives; no phase at all in one process."""
+    return timer.phase("reduce") if parallel.world_size > 1 else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, *,
                     family: Family | None, options: StreamOptions, timer: PhaseTimer,
@@ -593,7 +598,7 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
                             pass
             finally:
                 hooks.remove()
-            with timer.phase("reduce"):
+            with _reduce_phase(timer, parallel):
                 owners = parallel.reduce_hessians(hooks.hessians, hooks.rows, modules, stage,
                                                   index)
             for group in stage:
@@ -603,7 +608,7 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
                     _solve_group(modules, group, prefix, hessian, hooks.rows[group[0]], spec,
                                  options.solver, timer, result)
                 del hessian
-                with timer.phase("reduce"):
+                with _reduce_phase(timer, parallel):
                     parallel.share_group(modules, group, prefix, owners[group[0]], result)
             del hooks
         with timer.phase("forwards"):

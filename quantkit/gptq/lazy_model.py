@@ -84,7 +84,7 @@ def give_back_freed_memory(first: bool = False) -> None:
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after
     which a layer's 8-32 MB tensors come from the heap, whose freed middle is not returned:
-    RSS then grows layer after layer (2.2 GB instead of 1.3 GB on the 1.2B bench model). A
+    RSS then grew layer after layer (past 2.2 GB on the 1.2B bench model, floor 0.49). A
     fixed 4 MB threshold keeps every weight-sized block in its own mapping, unmapped when
     freed; `malloc_trim` returns what the heap still holds. No-op off glibc.
     """
