@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from quantkit.checkpoint import write_json_atomic  # noqa: E402
 from quantkit.gptq import solve_triton  # noqa: E402
 from quantkit.gptq.algorithm import QuantSpec, gptq_fast, gptq_reference  # noqa: E402
 
@@ -172,16 +173,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    text = json.dumps(run(args), indent=2)
+    results = run(args)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(out)
+        write_json_atomic(out, results)
         log.info("wrote %s", out)
     else:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
     return 0
 
 

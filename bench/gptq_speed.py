@@ -41,6 +41,7 @@ from quantkit.checkpoint import (  # noqa: E402
     parse_size,
     read_json,
     write_json,
+    write_json_atomic,
 )
 from quantkit.gptq.run import GPTQConfig, gptq_quantize  # noqa: E402
 from quantkit.gptq.timing import PhaseTimer  # noqa: E402
@@ -217,16 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     results = run(args)
-    text = json.dumps(results, indent=2)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(out)
+        write_json_atomic(out, results)
         log.info("wrote %s", out)
     else:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -809,9 +809,8 @@ def write_checkpoint(
     """
     started = _dt.datetime.now(_dt.timezone.utc)
     dest = Path(dest)
-    needed = sum((source.path / f).stat().st_size for f in source.weight_files)
     with atomic_output(dest, source=source.path, force=force, flag=flag,
-                       needed_bytes=needed) as tmp:
+                       needed_bytes=source_weight_bytes(source)) as tmp:
         copy_non_weight_files(source, tmp)
         writer = ShardedWriter(tmp, max_shard_size=max_shard_size, weight_format=weight_format)
         writer.add_all(tensors)
@@ -915,6 +914,11 @@ class CheckpointStream:
         self.writer.add_all(tensors)
 
 
+def source_weight_bytes(source: Checkpoint) -> int:
+    """What a disk-full message quotes as the space an output needs: the source's weights."""
+    return sum((source.path / f).stat().st_size for f in source.weight_files)
+
+
 @contextlib.contextmanager
 def checkpoint_stream(dest: str | os.PathLike, *, source: Checkpoint, force: bool = False,
                       max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
@@ -927,7 +931,8 @@ def checkpoint_stream(dest: str | os.PathLike, *, source: Checkpoint, force: boo
     leaves nothing behind.
     """
     started = _dt.datetime.now(_dt.timezone.utc)
-    with atomic_output(dest, source=source.path, force=force) as tmp:
+    with atomic_output(dest, source=source.path, force=force,
+                       needed_bytes=source_weight_bytes(source)) as tmp:
         copy_non_weight_files(source, tmp)
         stream = CheckpointStream(tmp, StreamingShardWriter(tmp, max_shard_size=max_shard_size))
         try:

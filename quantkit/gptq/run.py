@@ -351,6 +351,17 @@ def run_manifest(cfg: GPTQConfig, input_ids: torch.Tensor, options: StreamOption
     }
 
 
+def _rank_plan(cfg: GPTQConfig, model: nn.Module, family: Family | None, device: str,
+               label: str, input_ids: torch.Tensor, parallel: SingleProcess
+               ) -> tuple[StreamOptions, torch.Tensor]:
+    """The streaming options and this rank's share of the calibration rows (all of them in
+    a single process), logged once."""
+    options = stream_options(cfg, model, family, device, label, input_ids)
+    _log_start(cfg, device, input_ids, parallel, options.compute_dtype)
+    rows, batch_size = parallel.rows(input_ids, options.batch_size)
+    return replace(options, batch_size=batch_size), rows
+
+
 def _log_start(cfg: GPTQConfig, device: str, input_ids: torch.Tensor,
                parallel: SingleProcess, compute: torch.dtype) -> None:
     ranks = f" x {parallel.world_size} ranks" if parallel.world_size > 1 else ""
@@ -370,10 +381,7 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
     parallel = parallel or SingleProcess(device)
     t0 = time.perf_counter()
     label = str(source.path)
-    options = stream_options(cfg, model, family, device, label, input_ids)
-    _log_start(cfg, device, input_ids, parallel, options.compute_dtype)
-    rows, batch_size = parallel.rows(input_ids, options.batch_size)
-    options = replace(options, batch_size=batch_size)
+    options, rows = _rank_plan(cfg, model, family, device, label, input_ids, parallel)
     layers = quantize_layers(model, rows, cfg.spec, family=family, options=options,
                              timer=timer, label=label, parallel=parallel)
     manifest = run_manifest(cfg, input_ids, options, device, layers, timer,
@@ -410,10 +418,7 @@ def quantize_lazily(model: nn.Module, input_ids: torch.Tensor, ckpt: Checkpoint,
     device = parallel.device
     t0 = time.perf_counter()
     label = str(ckpt.path)
-    options = stream_options(cfg, model, family, device, label, input_ids)
-    _log_start(cfg, device, input_ids, parallel, options.compute_dtype)
-    rows, batch_size = parallel.rows(input_ids, options.batch_size)
-    options = replace(options, batch_size=batch_size)
+    options, rows = _rank_plan(cfg, model, family, device, label, input_ids, parallel)
     rename = key_renamer(model)
     layers_path, _ = find_decoder_layers(model, family, label)
     output = (checkpoint_stream(cfg.dest, source=ckpt, force=cfg.force,
