@@ -32,6 +32,7 @@ from torch import nn
 from quantkit.checkpoint import Checkpoint, CheckpointStream
 from quantkit.errors import QuantizationError
 from quantkit.gptq.calibrate import QuantizedLayers
+from quantkit.validate import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ def give_back_freed_memory(first: bool = False) -> None:
     libc.malloc_trim(0)
 
 
-def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """torch.isfinite in slices: on a whole embedding matrix its temporaries cost more host
-    memory than the matrix."""
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all())
-               for i in range(0, flat.numel(), chunk))
-
-
 def _is_meta(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and tensor.device.type == "meta"
 
@@ -147,7 +140,7 @@ class LazyLayers:
         # A copy owned by this process: the memory map is dropped right after, and the
         # solver writes the quantized values into the weights in place.
         tensor = tensor.to(self.device, copy=True)
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise QuantizationError(
                 f"{self.ckpt.path}: tensor {stored} contains NaN or Inf values; the "
                 "checkpoint is damaged, download or convert it again")
