@@ -8,6 +8,11 @@ PYTHONPATH (e.g. `git archive <commit> | tar -x -C DIR`), once with this checkou
 same model, base and held-out tokens, alternating so machine load hits both alike. With
 --max-tokens below the full 64k a run is partial; the JSON gives seconds per scored window
 and the 64k-token estimate from it (128 windows of 512), and says which it is.
+
+`--isa native,AVX2` repeats the pair with oneDNN capped at each instruction set
+(ONEDNN_MAX_CPU_ISA): AVX2 has no bf16 dot products, so an AVX512-BF16 machine then
+multiplies bf16 the way a CPU without native bf16 does (issue 13's machine: 16.7 GFLOPS
+bf16 against 77.9 fp32), and the new code's compute dtype follows (quantkit.compute).
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ if str(REPO) not in sys.path:
 FULL_TOKENS = 65536
 
 
-def eval_once(tree: Path, args, out: Path) -> dict:
+def eval_once(tree: Path, args, out: Path, isa: str = "native") -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa != "native":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
     cmd = [sys.executable, "-m", "quantkit", "-q", "eval", str(args.model), "--base",
            str(args.base), "--tasks", "ppl,kld", "--seqlen", str(args.seqlen),
            "--max-tokens", str(args.max_tokens), "--device", "cpu", "--out", str(out)]
@@ -58,21 +66,28 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=FULL_TOKENS // 2,
                         help="per held-out language (zh and en): 32768 is the full 64k")
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--isa", default="native",
+                        help="comma-separated: native and/or oneDNN ISA caps such as AVX2")
     parser.add_argument("--out", type=Path,
                         default=REPO / "bench" / "results" / "eval_speed_cpu.json")
     args = parser.parse_args()
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        new = eval_once(REPO, args, Path(tmp) / "new.json")
-        old = eval_once(args.old_tree, args, Path(tmp) / "old.json")
+        for isa in args.isa.split(","):
+            new = eval_once(REPO, args, Path(tmp) / f"new-{isa}.json", isa)
+            old = eval_once(args.old_tree, args, Path(tmp) / f"old-{isa}.json", isa)
+            runs[isa] = {"old": old, "new": new,
+                         "speedup": old["seconds_per_window"] / new["seconds_per_window"]}
     from quantkit.checkpoint import write_json
+    from quantkit.compute import cpu_has_native_bf16
 
     write_json(args.out, {
         "kind": "eval_speed",
         "command": " ".join(["python", "bench/eval_speed.py", *sys.argv[1:]]),
         "partial": 2 * args.max_tokens < FULL_TOKENS,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "old": old, "new": new,
-        "speedup": old["seconds_per_window"] / new["seconds_per_window"],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "native_bf16": cpu_has_native_bf16()},
+        "runs": runs,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     })
     return 0

@@ -13,6 +13,7 @@ the checkpoint needs plus one layer.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -22,8 +23,17 @@ COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
                   "fp16": torch.float16}
 
 
+# oneDNN ISA caps below the first with bf16 dot products: with ONEDNN_MAX_CPU_ISA set to
+# one of them, torch's CPU matmuls emulate bf16 even on hardware that has it (measured on
+# an AVX512-BF16 EPYC, 1 thread: bf16 197 -> 18 GFLOPS at AVX2, fp32 82 either way).
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                      "AVX512_CORE_VNNI"}
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU multiplies bf16 in hardware."""
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 in hardware, and oneDNN may use it."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BF16:
+        return False
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         fn = getattr(cpu, probe, None)

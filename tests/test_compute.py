@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.compute import compute_dtype, computing_in, stored_dtype
+from quantkit.compute import compute_dtype, computing_in, cpu_has_native_bf16, stored_dtype
 from quantkit.loading import load
 
 
@@ -35,3 +35,14 @@ def test_policy():
     assert compute_dtype("cpu", torch.bfloat16, "fp32") == torch.float32
     assert compute_dtype("cpu", torch.bfloat16) in (torch.float32, torch.bfloat16)
     assert stored_dtype(torch.nn.Linear(2, 2).to(torch.bfloat16)) == torch.bfloat16
+
+
+def test_a_onednn_isa_cap_below_bf16_means_fp32_compute(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 even on a CPU that has it, so
+    computing in bf16 would be the slow path there."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not cpu_has_native_bf16()
+    assert compute_dtype("cpu", torch.bfloat16) == torch.float32
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert compute_dtype("cpu", torch.bfloat16) == (
+        torch.bfloat16 if cpu_has_native_bf16() else torch.float32)

@@ -9,6 +9,7 @@ import click
 from quantkit.compute import COMPUTE_DTYPES
 from quantkit.gptq.algorithm import SCALE_SEARCHES
 from quantkit.gptq.run import GPTQConfig, gptq_quantize
+from quantkit.gptq.skip import parse_skip_modules
 
 
 @click.command(name="gptq")
@@ -63,6 +64,9 @@ from quantkit.gptq.run import GPTQConfig, gptq_quantize
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="rtn: round-to-nearest on the same grid and format, the baseline GPTQ "
                    "is measured against.")
+@click.option("--skip-modules", default=None,
+              help="Comma-separated decoder-layer Linears to keep unquantized, by full name "
+                   "or a dotted part of it (down_proj, mlp.down_proj, model.layers.0).")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--max-gpu-memory", default=None,
@@ -81,7 +85,8 @@ def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_ac
             damp: float, calib: str | None, calib_format: str, nsamples: int, seqlen: int,
             batch_size: int | None, device: str, compute_dtype: str,
             trust_remote_code: bool, method: str, force: bool, max_shard_size: str,
-            max_gpu_memory: str | None, load: str, hessian_reduce: str) -> None:
+            max_gpu_memory: str | None, load: str, hessian_reduce: str,
+            skip_modules: str | None) -> None:
     """Quantize MODEL with GPTQ into a folder every GPTQ loader reads.
 
     Only the decoder layer being quantized and the calibration activations are on the
@@ -101,7 +106,7 @@ def command(model: str, out: str, bits: int, group_size: int, sym: bool, desc_ac
         batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
         force=force, max_shard_size=max_shard_size,
         solver="rtn" if method == "rtn" else "fast", max_gpu_memory=max_gpu_memory,
-        load=load, hessian_reduce=hessian_reduce,
+        load=load, hessian_reduce=hessian_reduce, skip_modules=parse_skip_modules(skip_modules),
     )
     result = gptq_quantize(cfg)
     if not result.is_main:

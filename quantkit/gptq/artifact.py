@@ -17,7 +17,7 @@ kernels need sym=True (4 or 8 bits); asymmetric artifacts run there on its plain
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from quantkit.checkpoint import Checkpoint, write_checkpoint
 from quantkit.errors import CheckpointError
 from quantkit.gptq.algorithm import QuantSpec
 from quantkit.gptq.calibrate import QuantizedLayers
+from quantkit.gptq.skip import dynamic_exclusions
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +35,23 @@ QUANTIZE_CONFIG = "quantize_config.json"
 MANIFEST_KEY = "gptq"
 
 
-def quantization_config(spec: QuantSpec, *, true_sequential: bool, method: str = "gptq"
-                        ) -> dict:
+def quantization_config(spec: QuantSpec, *, true_sequential: bool, method: str = "gptq",
+                        skip_modules: Sequence[str] = (),
+                        modules_in_block: Sequence[str] = ()) -> dict:
     """The `quantization_config` block, in the keys transformers and gptqmodel read.
 
     A round-to-nearest baseline is stored in the same format (so every loader reads it) and
     says so in `meta.method`, which loaders ignore and reports use for the row label.
+    With --skip-modules, the Linears each decoder layer quantizes are listed in
+    `modules_in_block_to_quantize` (what transformers/optimum read) and the skipped ones as
+    `dynamic` exclusions (what gptqmodel and vLLM read).
     """
     from quantkit import __version__
 
     meta = {"quantizer": [f"quantkit:{__version__}"]}
     if method != "gptq":
         meta["method"] = method
-    return {
+    qconfig = {
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
@@ -60,6 +65,10 @@ def quantization_config(spec: QuantSpec, *, true_sequential: bool, method: str =
         "pack_dtype": "int32",
         "meta": meta,
     }
+    if skip_modules:
+        qconfig["modules_in_block_to_quantize"] = [list(modules_in_block)]
+        qconfig["dynamic"] = dynamic_exclusions(skip_modules)
+    return qconfig
 
 
 def artifact_tensors(source: Iterable[tuple[str, torch.Tensor]], layers: QuantizedLayers,
@@ -93,10 +102,12 @@ def artifact_tensors(source: Iterable[tuple[str, torch.Tensor]], layers: Quantiz
 def write_artifact(dest: Path, source: Checkpoint, source_tensors: Iterable, *,
                    layers: QuantizedLayers, spec: QuantSpec, true_sequential: bool,
                    manifest: dict, force: bool, max_shard_size: str,
-                   rename: Callable[[str], str] = lambda key: key, method: str = "gptq"
+                   rename: Callable[[str], str] = lambda key: key, method: str = "gptq",
+                   skip_modules: Sequence[str] = (), modules_in_block: Sequence[str] = ()
                    ) -> Path:
     """Write the folder atomically through `checkpoint.write_checkpoint`."""
-    qconfig = quantization_config(spec, true_sequential=true_sequential, method=method)
+    qconfig = quantization_config(spec, true_sequential=true_sequential, method=method,
+                                  skip_modules=skip_modules, modules_in_block=modules_in_block)
     config = dict(source.config, quantization_config=qconfig)
     return write_checkpoint(
         dest, artifact_tensors(source_tensors, layers, rename), source=source, config=config,

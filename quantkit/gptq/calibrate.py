@@ -45,8 +45,10 @@ from quantkit.gptq.algorithm import (
     rtn_quantize,
 )
 from quantkit.gptq.distributed import SingleProcess
+from quantkit.gptq.host_memory import give_back_freed_memory
 from quantkit.gptq.offload import HostBatches
 from quantkit.gptq.pack import PackedLinear, pack_result
+from quantkit.gptq.skip import is_skipped
 from quantkit.gptq.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class StreamOptions:
     solver: str = "fast"
     activations_on_host: bool = False  # keep calibration activations in host memory
     compute_dtype: torch.dtype | None = None  # None: see `quantkit.compute.compute_dtype`
+    skip_modules: tuple[str, ...] = ()  # Linears left unquantized (`quantkit.gptq.skip`)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -585,6 +588,9 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
         runner = LayerRunner(layer, inputs, device, index)
         modules = dict(layer.named_modules())
         groups = linear_groups(layer, family, functools.partial(runner.forward, 0))
+        groups = [kept for g in groups
+                  if (kept := [n for n in g
+                               if not is_skipped(f"{prefix}.{n}", options.skip_modules)])]
         stages = [[g] for g in groups] if options.true_sequential else [groups]
         for stage in stages:
             hooks = _HessianHooks(modules, stage, device, timer)
@@ -601,6 +607,7 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
             with _reduce_phase(timer, parallel):
                 owners = parallel.reduce_hessians(hooks.hessians, hooks.rows, modules, stage,
                                                   index)
+            give_back_freed_memory()  # the forwards' activations, before the solves
             for group in stage:
                 # float32 for the solver; the float64 sum is freed before the solve starts
                 hessian = hooks.hessians.pop(group[0]).float()
@@ -608,6 +615,7 @@ def quantize_layers(model: nn.Module, input_ids: torch.Tensor, spec: QuantSpec, 
                     _solve_group(modules, group, prefix, hessian, hooks.rows[group[0]], spec,
                                  options.solver, timer, result)
                 del hessian
+                give_back_freed_memory()  # the solve's freed temporaries, before the next
                 with _reduce_phase(timer, parallel):
                     parallel.share_group(modules, group, prefix, owners[group[0]], result)
             del hooks

@@ -19,10 +19,7 @@ one tensor of the output writer, not the model.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -32,6 +29,7 @@ from torch import nn
 from quantkit.checkpoint import Checkpoint, CheckpointStream
 from quantkit.errors import QuantizationError
 from quantkit.gptq.calibrate import QuantizedLayers
+from quantkit.gptq.host_memory import give_back_freed_memory
 from quantkit.validate import all_finite
 
 log = logging.getLogger(__name__)
@@ -64,37 +62,6 @@ def build_skeleton(ckpt: Checkpoint, trust_remote_code: bool) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=stored_dtype(ckpt),
                                                  trust_remote_code=trust_remote_code)
     return model.eval()
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_MMAP_THRESHOLD = 4 << 20
-
-
-def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def give_back_freed_memory(first: bool = False) -> None:
-    """Make freed layers leave the process, not just the Python heap.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after
-    which a layer's 8-32 MB tensors come from the heap, whose freed middle is not returned:
-    RSS then grew layer after layer (past 2.2 GB on the 1.2B bench model, floor 0.49). A
-    fixed 4 MB threshold keeps every weight-sized block in its own mapping, unmapped when
-    freed; `malloc_trim` returns what the heap still holds. No-op off glibc.
-    """
-    libc = _glibc()
-    if libc is None:
-        return
-    if first:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    libc.malloc_trim(0)
 
 
 def _is_meta(tensor: torch.Tensor | None) -> bool:

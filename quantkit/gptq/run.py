@@ -46,6 +46,7 @@ from quantkit.gptq.distributed import REDUCE_MODES, SingleProcess, process_group
 from quantkit.gptq.lazy_model import ArtifactSink, LazyLayers, build_skeleton
 from quantkit.gptq.naming import key_renamer
 from quantkit.gptq.pack import check_packable
+from quantkit.gptq.skip import is_skipped, unmatched
 from quantkit.gptq.timing import PhaseTimer
 from quantkit.loading import (
     load_tokenizer,
@@ -90,6 +91,7 @@ class GPTQConfig:
     compute_dtype: str = "auto"  # auto: fp32 on CPU, as stored on CUDA
     load: str = "lazy"  # "whole": the model in host memory, `GPTQResult.model` fake-quantized
     hessian_reduce: str = "allreduce"  # under torchrun: "allreduce" or "owner" (distributed.py)
+    skip_modules: tuple[str, ...] = ()  # decoder-layer Linears kept as they are (gptq/skip.py)
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -136,7 +138,8 @@ class GPTQConfig:
                 "group_aware": spec.group_aware, "scale_search": self.scale_search,
                 "block_start_scales": self.block_start_scales,
                 "true_sequential": self.true_sequential, "damp_percent": self.damp,
-                "solver": self.solver, "checkpoint_format": "gptq"}
+                "solver": self.solver, "checkpoint_format": "gptq",
+                "skip_modules": list(self.skip_modules)}
 
 
 @dataclass
@@ -162,29 +165,68 @@ def check_seqlen(ckpt: Checkpoint, seqlen: int) -> None:
                           f"({limit} tokens); pass --seqlen {limit} or less")
 
 
-def check_layers(model: nn.Module, family: Family | None, spec: QuantSpec, label: str) -> None:
-    """Every Linear to quantize must split into whole groups and pack into whole words."""
+def check_layers(model: nn.Module, family: Family | None, spec: QuantSpec, label: str,
+                 skip_modules: tuple[str, ...] = ()) -> None:
+    """Every Linear to quantize must split into whole groups and pack into whole words;
+    every --skip-modules pattern must name Linears, the same ones in every layer."""
     layers_path, layers = find_decoder_layers(model, family, label)
-    widths = {m.in_features for layer in layers for m in layer.modules()
-              if isinstance(m, nn.Linear)}
-    for index, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            full = f"{layers_path}.{index}.{name}"
-            if spec.group_size != -1 and module.in_features % spec.group_size:
-                # A ragged last group would be valid in the v1 layout and for the torch
-                # kernels, but vLLM's Marlin refuses it; refusing here keeps every output
-                # loadable everywhere.
-                fits = [g for g in GROUP_SIZES if g != -1 and all(w % g == 0 for w in widths)]
-                raise ConfigError(
-                    f"--group-size {spec.group_size}: does not divide the input size "
-                    f"{module.in_features} of {full}; group sizes that divide every layer "
-                    f"of this model: {', '.join(map(str, fits + [-1]))}")
-            reason = check_packable(module.out_features, module.in_features, spec.bits)
-            if reason:
-                raise QuantizationError(f"{full} cannot be stored as {spec.bits}-bit GPTQ: "
-                                        f"{reason}")
+    linears = {f"{layers_path}.{index}.{name}": module
+               for index, layer in enumerate(layers)
+               for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    typos = unmatched(skip_modules, linears)
+    if typos:
+        example = next(iter(linears), "model.layers.0.mlp.down_proj")
+        raise ConfigError(f"--skip-modules {','.join(typos)}: matches no Linear in the decoder "
+                          f"layers of {label}; name modules as in {example} (or a dotted "
+                          "part of the name, such as its last one)")
+    if skip_modules:
+        per_layer = {tuple(block_modules(layer, prefix=f"{layers_path}.{index}",
+                                         skip_modules=skip_modules))
+                     for index, layer in enumerate(layers)}
+        if len(per_layer) > 1:
+            raise ConfigError(f"--skip-modules {','.join(skip_modules)}: skips a Linear in some "
+                              "decoder layers only; transformers' GPTQ loader can leave only "
+                              "the same Linears unquantized in every layer, so name them "
+                              "without a layer (q_proj, mlp.down_proj)")
+        if per_layer == {()}:
+            raise ConfigError(f"--skip-modules {','.join(skip_modules)}: skips every Linear of "
+                              f"{label}; nothing would be quantized")
+    linears = {n: m for n, m in linears.items() if not is_skipped(n, skip_modules)}
+    widths = {m.in_features for m in linears.values()}
+    for full, module in linears.items():
+        if spec.group_size != -1 and module.in_features % spec.group_size:
+            # A ragged last group would be valid in the v1 layout and for the torch
+            # kernels, but vLLM's Marlin refuses it; refusing here keeps every output
+            # loadable everywhere.
+            fits = [g for g in GROUP_SIZES if g != -1 and all(w % g == 0 for w in widths)]
+            raise ConfigError(
+                f"--group-size {spec.group_size}: does not divide the input size "
+                f"{module.in_features} of {full}; group sizes that divide every layer "
+                f"of this model: {', '.join(map(str, fits + [-1]))} (or leave such layers "
+                "unquantized with --skip-modules)")
+        reason = check_packable(module.out_features, module.in_features, spec.bits)
+        if reason:
+            raise QuantizationError(f"{full} cannot be stored as {spec.bits}-bit GPTQ: "
+                                    f"{reason}")
+
+
+def block_modules(layer: nn.Module, *, prefix: str, skip_modules: tuple[str, ...]
+                  ) -> list[str]:
+    """Layer-relative names of the Linears a decoder layer quantizes."""
+    return [name for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and not is_skipped(f"{prefix}.{name}", skip_modules)]
+
+
+def skip_settings(cfg: GPTQConfig, model: nn.Module, family: Family | None, label: str
+                  ) -> dict:
+    """`quantization_config` arguments for --skip-modules (see `artifact.quantization_config`);
+    `check_layers` made sure every layer quantizes the same Linears."""
+    if not cfg.skip_modules:
+        return {}
+    layers_path, layers = find_decoder_layers(model, family, label)
+    return {"skip_modules": cfg.skip_modules,
+            "modules_in_block": block_modules(layers[0], prefix=f"{layers_path}.0",
+                                              skip_modules=cfg.skip_modules)}
 
 
 def check_finite(model: nn.Module, label: str) -> None:
@@ -244,7 +286,8 @@ def stream_options(cfg: GPTQConfig, model: nn.Module, family: Family | None, dev
     return StreamOptions(device=device, batch_size=cfg.batch_size or auto_batch_size(seqlen),
                          true_sequential=cfg.true_sequential, solver=cfg.solver,
                          activations_on_host=on_host,
-                         compute_dtype=calibration_dtype(cfg, model, device))
+                         compute_dtype=calibration_dtype(cfg, model, device),
+                         skip_modules=cfg.skip_modules)
 
 
 def calibration_dtype(cfg: GPTQConfig, model: nn.Module, device: str) -> torch.dtype:
@@ -305,14 +348,14 @@ def gptq_quantize(cfg: GPTQConfig, *, input_ids: torch.Tensor | None = None,
         if cfg.load == "lazy":
             with timer.phase("load"):
                 model = build_skeleton(ckpt, cfg.trust_remote_code)
-            check_layers(model, family, cfg.spec, label)
+            check_layers(model, family, cfg.spec, label, cfg.skip_modules)
             check_tensor_names(model, ckpt, family)  # values are checked as layers are read
             return quantize_lazily(model, input_ids, ckpt, cfg, family=family, timer=timer,
                                    parallel=parallel, started=started, on_layer=on_layer,
                                    calibration_report=report)
         with timer.phase("load"):
             model = load_source_model(ckpt, cfg.trust_remote_code)
-        check_layers(model, family, cfg.spec, label)
+        check_layers(model, family, cfg.spec, label, cfg.skip_modules)
         check_tensor_names(model, ckpt, family)
         check_finite(model, label)
         return quantize_and_write(model, input_ids, ckpt, ckpt.iter_tensors(), cfg,
@@ -394,7 +437,8 @@ def quantize_and_write(model: nn.Module, input_ids: torch.Tensor, source: Checkp
                               spec=cfg.spec, true_sequential=cfg.true_sequential,
                               manifest=manifest, force=cfg.force,
                               max_shard_size=cfg.max_shard_size, rename=key_renamer(model),
-                              method=_method(cfg))
+                              method=_method(cfg),
+                              **skip_settings(cfg, model, family, str(source.path)))
     seconds = time.perf_counter() - t0
     result = GPTQResult(dest, model, layers, manifest, seconds, folder_size(dest))
     log_summary(result, timer)
@@ -437,7 +481,8 @@ def quantize_lazily(model: nn.Module, input_ids: torch.Tensor, ckpt: Checkpoint,
             with timer.phase("write"):
                 sink.finish()
             qconfig = quantization_config(cfg.spec, true_sequential=cfg.true_sequential,
-                                          method=_method(cfg))
+                                          method=_method(cfg),
+                                          **skip_settings(cfg, model, family, label))
             out.config = dict(ckpt.config, quantization_config=qconfig)
             out.extra_files = {QUANTIZE_CONFIG: qconfig}
             out.manifest_extra = {MANIFEST_KEY: manifest}
