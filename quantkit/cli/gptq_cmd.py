@@ -46,7 +46,7 @@ from quantkit.gptq.skip import parse_skip_modules
               help="text: prose; chat: instruction/response pairs rendered with the model's "
                    "chat template (with --calib: a .jsonl of messages or instruction/output); "
                    "mixed: half each. auto: chat for a --calib file of conversations, "
-                   "otherwise text.")
+                   "else mixed for a model with a chat template, else text.")
 @click.option("--nsamples", type=int, default=128, show_default=True,
               help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=2048, show_default=True,
