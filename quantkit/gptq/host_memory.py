@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _MMAP_THRESHOLD = 4 << 20
 
 
+@functools.cache
 def _glibc():
+    """libc, looked up once: `find_library` runs ldconfig in a subprocess, and this is now
+    called between every two solves."""
     if not sys.platform.startswith("linux"):
         return None
     try:
