@@ -17,10 +17,8 @@ Every figure comes from quantkit's own engine and evaluation code.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from quantkit.chat_calib import has_chat_template  # noqa: E402
-from quantkit.checkpoint import open_checkpoint  # noqa: E402
+from quantkit.checkpoint import open_checkpoint, write_json_atomic  # noqa: E402
 from quantkit.data import build_calibration, heldout_tokens  # noqa: E402
 from quantkit.evaluate.kld import KldTotal  # noqa: E402
 from quantkit.evaluate.perplexity import (  # noqa: E402
@@ -108,13 +106,6 @@ def _kld(total: KldTotal | None) -> dict:
             "same_top1": summary["same_top1"]}
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def compare_calibrations(model_dir: str | Path, *, bits: int = 4, group_size: int = 64,
                          nsamples: int = 32, seqlen: int = 512, out_json: str | Path | None,
                          calibrations: tuple[str, ...] | None = None,
@@ -161,6 +152,7 @@ def compare_calibrations(model_dir: str | Path, *, bits: int = 4, group_size: in
         log.info("%s: %s", fmt, ", ".join(f"{k} ppl {v['ppl']:.3f} kld {v['kld_mean']:.5f}"
                                           for k, v in scores[fmt].items()))
     if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(out_json), results)
     return results
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import socket
 import subprocess
@@ -32,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import status_kb  # noqa: E402
 
 SHAPE_1B = dict(hidden=2048, layers=20, intermediate=5632, heads=16, kv_heads=16,
                 vocab=40000)
@@ -107,11 +108,6 @@ def build_model(dest: Path, shape: dict, *, shard: str = "1300MB") -> Path:
 # --------------------------------------------------------------------------- the child
 
 
-def _status_kb(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", text).group(1))
-
-
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
 
@@ -122,13 +118,13 @@ def child(args) -> None:
 
     from quantkit.gptq.run import GPTQConfig, gptq_quantize
 
-    import_rss = _status_kb("VmRSS") * 1024
+    import_rss = status_kb("VmRSS") * 1024
     layers: list[dict] = []
 
     def on_layer(index: int, seconds: float) -> None:
         layers.append({"layer": index, "seconds": round(seconds, 3),
-                       "peak_rss": _status_kb("VmHWM") * 1024,
-                       "rss_after": _status_kb("VmRSS") * 1024})
+                       "peak_rss": status_kb("VmHWM") * 1024,
+                       "rss_after": status_kb("VmRSS") * 1024})
         _reset_peak()
 
     ids = torch.randint(3, 512, (args.nsamples, args.seqlen),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import platform
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from quantkit.checkpoint import write_json_atomic  # noqa: E402
+from bench.common import emit_json  # noqa: E402
 from quantkit.gptq import solve_triton  # noqa: E402
 from quantkit.gptq.algorithm import QuantSpec, gptq_fast, gptq_reference  # noqa: E402
 
@@ -173,14 +172,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    results = run(args)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, results)
-        log.info("wrote %s", out)
-    else:
-        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    emit_json(run(args), args.out, log)
     return 0
 
 

@@ -19,7 +19,6 @@ includes building the checkpoint when this run built it (`built_here`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import resource
@@ -35,13 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import emit_json  # noqa: E402
 from quantkit.checkpoint import (  # noqa: E402
     ShardedWriter,
     atomic_output,
     parse_size,
     read_json,
     write_json,
-    write_json_atomic,
 )
 from quantkit.gptq.run import GPTQConfig, gptq_quantize  # noqa: E402
 from quantkit.gptq.timing import PhaseTimer  # noqa: E402
@@ -217,14 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    results = run(args)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, results)
-        log.info("wrote %s", out)
-    else:
-        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    emit_json(run(args), args.out, log)
     return 0
 
 

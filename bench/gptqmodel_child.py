@@ -17,12 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def peak_rss_bytes() -> int:
-    """This process's own peak resident set (Linux VmHWM)."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+from common import peak_rss_bytes  # bench/common.py: this script's folder is sys.path[0]
 
 
 def _skip_module():
@@ -63,8 +58,6 @@ def main() -> int:
     qcfg = json.loads((Path(args.out) / "config.json").read_text()).get("quantization_config")
     args.report.write_text(json.dumps({
         "seconds": seconds,
-        # VmHWM, not getrusage: ru_maxrss survives exec, so a child of a big parent would
-        # report the parent's peak
         "peak_rss_gb": peak_rss_bytes() / 2**30, "peak_rss_source": "VmHWM",
         "settings": qcfg,
         "compute_dtype": str(next(model.model.parameters()).dtype).replace("torch.", ""),

@@ -41,6 +41,8 @@ for path in (REPO, REPO / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from bench.common import peak_rss_bytes  # noqa: E402
+
 log = logging.getLogger("quality")
 
 DEFAULT_INTEROP = Path(os.environ.get("INTEROP_VENV", REPO / ".venv-interop"))
@@ -268,12 +270,6 @@ def run_quantkit(method: str, model: Path, out: Path, ids_file: Path, bits: int,
     return json.loads(report.read_text())
 
 
-def peak_rss_bytes() -> int:
-    """This process's own peak resident set (Linux VmHWM)."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024
-
-
 def _child(spec: dict, report: Path) -> None:
     """The quantizer side of `run_quantkit`: one `gptq_quantize` call, then measure."""
     from quantkit.gptq.run import GPTQConfig, gptq_quantize
@@ -290,8 +286,6 @@ def _child(spec: dict, report: Path) -> None:
     result = gptq_quantize(cfg, input_ids=ids)
     report.write_text(json.dumps({
         "seconds": time.perf_counter() - t0,
-        # VmHWM, not getrusage: ru_maxrss survives exec, so a child of a big parent would
-        # report the parent's peak
         "peak_rss_gb": peak_rss_bytes() / 2**30, "peak_rss_source": "VmHWM",
         "settings": result.manifest["settings"],
         "compute_dtype": result.manifest["compute_dtype"],
