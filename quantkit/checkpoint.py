@@ -21,7 +21,7 @@ import shutil
 import struct
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -554,6 +554,27 @@ def apply_umask(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _publish_when_done(tmp: Path, folder: Path, needed_bytes: int | None, *,
+                       publish: Callable[[], None], discard: Callable[[], None]
+                       ) -> Iterator[None]:
+    """The one rule of atomic_output and atomic_file: the block writes `tmp`; on success it
+    gets the umask's modes and `publish` renames it into place, on any exception (Ctrl-C
+    and SIGTERM included) `discard` removes it, and a full disk becomes one line."""
+    try:
+        try:
+            yield
+            apply_umask(tmp)
+        except Exception as exc:
+            if is_disk_full(exc, folder):
+                raise disk_full_error(folder, _tree_bytes(tmp), needed_bytes) from exc
+            raise
+        publish()
+    except BaseException:
+        discard()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_output(dest: str | os.PathLike, *, source: str | os.PathLike | None = None,
                   inputs: Iterable = (), force: bool = False, flag: str = "--out",
                   needed_bytes: int | None = None) -> Iterator[Path]:
@@ -571,18 +592,10 @@ def atomic_output(dest: str | os.PathLike, *, source: str | os.PathLike | None =
     except OSError as exc:
         raise OutputError(f"{dest.parent}: cannot write here ({exc.strerror}); "
                           f"choose another {flag}") from exc
-    try:
-        try:
-            yield tmp
-            apply_umask(tmp)
-        except Exception as exc:
-            if is_disk_full(exc, dest.parent):
-                raise disk_full_error(dest.parent, _tree_bytes(tmp), needed_bytes) from exc
-            raise
-        _replace_folder(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _publish_when_done(tmp, dest.parent, needed_bytes,
+                            publish=lambda: _replace_folder(tmp, dest),
+                            discard=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        yield tmp
 
 
 def check_file_destination(dest: str | os.PathLike, flag: str = "--out",
@@ -612,18 +625,9 @@ def atomic_file(dest: str | os.PathLike, flag: str = "--out", inputs: Iterable =
     dest = check_file_destination(dest, flag, inputs)
     remove_stale_temps(dest)
     tmp = _temp_name(dest)
-    try:
-        try:
-            yield tmp
-            apply_umask(tmp)
-        except Exception as exc:
-            if is_disk_full(exc, dest.parent):
-                raise disk_full_error(dest.parent, _tree_bytes(tmp), None) from exc
-            raise
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _publish_when_done(tmp, dest.parent, None, publish=lambda: os.replace(tmp, dest),
+                            discard=lambda: tmp.unlink(missing_ok=True)):
+        yield tmp
 
 
 def check_destination(dest: Path, *, source: str | os.PathLike | None = None,
